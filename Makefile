@@ -1,0 +1,38 @@
+# Two-command quick start: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-full bench lint format mini clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: the CPU build of 2.13.0; an unpinned resolve pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m cross_modal_sd.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-full: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow and not gpu"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+mini: $(STAMP)
+	$(BIN)/python -m cross_modal_sd.world.build
+
+clean:
+	rm -rf checkpoints/mini outputs multirun

@@ -1,0 +1,1 @@
+"""Cross-modal speculative decoding."""
