@@ -904,7 +904,7 @@ class HiddenPairCache:
         return out
 
     def check_finite(
-        self, raise_error: bool = True, block_rows: int = 4096
+        self, raise_error: bool = True, block_rows: int = 2048
     ) -> dict[str, list[int]]:
         """Scan every row for NaN/inf, shard by shard (sequential, bounded memory).
 
@@ -929,7 +929,7 @@ class HiddenPairCache:
                 for a in range(0, len(rows), block_rows):
                     block = shard.read(name, a, a + block_rows)
                     rows[a : a + len(block)] |= ~torch.isfinite(block).all(dim=1).numpy()
-                shard.release()
+                    shard.release()
             bad_rows = np.flatnonzero(rows)
             if len(bad_rows) == 0:
                 continue
