@@ -1,1 +1,62 @@
+"""End-to-end speculative decoding: the SD loop, drafters, timing, baseline and peers."""
 
+from cross_modal_sd.decoding.baselines import (
+    GenerationRecord,
+    GreedySpec,
+    greedy_tokens,
+    hf_assisted,
+    hf_greedy,
+    hf_prompt_lookup,
+    wrapper_greedy,
+)
+from cross_modal_sd.decoding.drafters import (
+    AdapterDrafter,
+    Drafter,
+    DraftPolicy,
+    DraftState,
+    Proposal,
+    ScriptedDrafter,
+    propose,
+    sync,
+)
+from cross_modal_sd.decoding.inputs import DraftInputs, TargetInputs
+from cross_modal_sd.decoding.speculative import (
+    SDConfig,
+    SDResult,
+    TargetState,
+    accept_length,
+    extend_answer,
+    speculative_generate,
+    verify,
+)
+from cross_modal_sd.decoding.timing import Span, thread_budget, time_call
+
+__all__ = [
+    "AdapterDrafter",
+    "DraftInputs",
+    "DraftPolicy",
+    "DraftState",
+    "Drafter",
+    "GenerationRecord",
+    "GreedySpec",
+    "Proposal",
+    "SDConfig",
+    "SDResult",
+    "ScriptedDrafter",
+    "Span",
+    "TargetInputs",
+    "TargetState",
+    "accept_length",
+    "extend_answer",
+    "greedy_tokens",
+    "hf_assisted",
+    "hf_greedy",
+    "hf_prompt_lookup",
+    "propose",
+    "speculative_generate",
+    "sync",
+    "thread_budget",
+    "time_call",
+    "verify",
+    "wrapper_greedy",
+]

@@ -1,0 +1,160 @@
+"""The baseline and the peers, timed by the same harness as speculative decoding.
+
+* `hf_greedy`: the target's own `generate` (greedy, ids >= the vocab limit suppressed) — the
+  baseline every speedup divides by.
+* `hf_prompt_lookup`: HF prompt-lookup decoding (`prompt_lookup_num_tokens`).
+* `hf_assisted`: HF assisted generation with a text-only assistant (the draft's
+  `LlamaForCausalLM`, no events). HF feeds the assistant the target's own input ids (when
+  vocabulary sizes match; otherwise it re-tokenises text, which needs `tokenizer` and
+  `assistant_tokenizer`); it offers no hook to give the assistant a different prompt.
+* `wrapper_greedy`: greedy decoding through the same `TargetDecoder` calls the SD loop makes, to
+  separate harness overhead from the gain of speculation.
+
+All are lossless greedy methods: their tokens must equal the baseline's. Each returns a
+`GenerationRecord` whose `total_ms` excludes `warmup` untimed calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from cross_modal_sd.decoding.inputs import TargetInputs
+from cross_modal_sd.decoding.speculative import TargetState, extend_answer, verify
+from cross_modal_sd.decoding.timing import time_call
+from cross_modal_sd.models.wrappers import TargetDecoder
+
+
+@dataclass(frozen=True)
+class GreedySpec:
+    """What every method must reproduce: greedy decoding with these limits.
+
+    Attributes:
+        max_new_tokens: answer length cap (EOS included).
+        vocab_limit: ids at or above it are never generated.
+        eos_token_id: the answer ends after this token.
+    """
+
+    max_new_tokens: int
+    vocab_limit: int
+    eos_token_id: int | None
+
+
+@dataclass
+class GenerationRecord:
+    """Per-sample record of a baseline or peer run (`to_dict` for reports)."""
+
+    method: str
+    tokens: list[int]
+    total_ms: float
+
+    @property
+    def n_new(self) -> int:
+        return len(self.tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "n_new": self.n_new}
+
+
+def greedy_generation_config(model, spec: GreedySpec, **overrides) -> GenerationConfig:
+    """A complete greedy config, so no default of the model's own generation config leaks in."""
+    vocab_size = model.config.get_text_config().vocab_size
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=spec.max_new_tokens,
+        eos_token_id=spec.eos_token_id,
+        pad_token_id=model.config.get_text_config().pad_token_id,
+        suppress_tokens=list(range(spec.vocab_limit, vocab_size)),
+        **overrides,
+    )
+
+
+def _hf_generate(model, inputs: TargetInputs, config: GenerationConfig, **kwargs) -> list[int]:
+    ids = inputs.input_ids
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values_videos=inputs.pixel_values_videos,
+        generation_config=config,
+        **kwargs,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _timed(method: str, fn: Callable[[], list[int]], warmup: int, device) -> GenerationRecord:
+    tokens, ms = time_call(fn, warmup=warmup, device=device)
+    return GenerationRecord(method, tokens, ms)
+
+
+def hf_greedy(model, inputs: TargetInputs, spec: GreedySpec, warmup: int = 1) -> GenerationRecord:
+    """The target's own greedy `generate`: the baseline."""
+    config = greedy_generation_config(model, spec)
+    return _timed("greedy", lambda: _hf_generate(model, inputs, config), warmup, inputs.device)
+
+
+def hf_prompt_lookup(
+    model,
+    inputs: TargetInputs,
+    spec: GreedySpec,
+    num_tokens: int = 10,
+    max_ngram: int = 2,
+    warmup: int = 1,
+) -> GenerationRecord:
+    """HF prompt-lookup decoding: drafts copied from n-gram matches in the prompt.
+
+    Args:
+        num_tokens: tokens proposed per match (`prompt_lookup_num_tokens`).
+        max_ngram: longest n-gram matched (`max_matching_ngram_size`).
+    """
+    config = greedy_generation_config(
+        model, spec, prompt_lookup_num_tokens=num_tokens, max_matching_ngram_size=max_ngram
+    )
+    return _timed(
+        "prompt_lookup", lambda: _hf_generate(model, inputs, config), warmup, inputs.device
+    )
+
+
+def hf_assisted(
+    model,
+    inputs: TargetInputs,
+    assistant,
+    spec: GreedySpec,
+    warmup: int = 1,
+    **generate_kwargs,
+) -> GenerationRecord:
+    """HF assisted generation with a text-only assistant (e.g. `EventGPT.language_model`).
+
+    The assistant drafts with its own `generation_config` (HF defaults: 20 tokens per round,
+    constant schedule); `generate_kwargs` (e.g. `tokenizer`, `assistant_tokenizer`) go to
+    `generate` unchanged.
+    """
+    config = greedy_generation_config(model, spec)
+
+    def run() -> list[int]:
+        return _hf_generate(model, inputs, config, assistant_model=assistant, **generate_kwargs)
+
+    return _timed("assisted", run, warmup, inputs.device)
+
+
+def greedy_tokens(target: TargetDecoder, inputs: TargetInputs, spec: GreedySpec) -> list[int]:
+    """Greedy decoding through the `TargetDecoder` calls the SD loop makes (untimed)."""
+    out = target.prefill(inputs.input_ids, inputs.pixel_values_videos)
+    state = TargetState(out.cache, out.cache.get_seq_length(), [int(out.logits[0, -1].argmax())])
+    answer, done = extend_answer([], state.answer, spec.eos_token_id, spec.max_new_tokens)
+    while not done:
+        state, _, committed = verify(target, state, [])
+        answer, done = extend_answer(answer, committed, spec.eos_token_id, spec.max_new_tokens)
+    return answer
+
+
+def wrapper_greedy(
+    target: TargetDecoder, inputs: TargetInputs, spec: GreedySpec, warmup: int = 1
+) -> GenerationRecord:
+    """`greedy_tokens`, timed like the other methods."""
+    return _timed(
+        "wrapper_greedy", lambda: greedy_tokens(target, inputs, spec), warmup, inputs.device
+    )

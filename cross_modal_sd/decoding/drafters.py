@@ -1,0 +1,321 @@
+"""Drafters propose answer tokens for the target to verify; the draft-length policy says how many.
+
+A drafter is four primitives over an explicit `DraftState` (nothing is stored on a model):
+
+* `prefill(inputs)`: read the prompt; the state then predicts answer position 0;
+* `next_token(state)`: the proposal for answer position `len(state.fed)` and its confidence;
+* `feed(state, tokens)`: read answer tokens, so the state predicts the position after them;
+* `rewind(state, n)`: forget all but the first `n` fed tokens.
+
+`propose` (a round of drafting under a `DraftPolicy`) and `sync` (bring a drafter onto the
+committed answer) are written once over these primitives, for every drafter.
+
+`AdapterDrafter` is the cross-modal drafter: each draft token is
+`argmax(target lm_head(adapter(draft hidden)))`, and the token is fed back into the draft model,
+so an accepted prefix is exactly the teacher-forced context the adapter was trained on.
+`ScriptedDrafter` proposes tokens from a known answer for tests (accept all / none / up to k).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+import torch
+from transformers import DynamicCache
+
+from cross_modal_sd.adapters.base import Adapter
+from cross_modal_sd.decoding.inputs import DraftInputs
+from cross_modal_sd.models.wrappers import DraftDecoder, crop_cache
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """How many tokens a drafting round proposes.
+
+    Every round is capped by `max_drafts` and by the tokens left before `max_new_tokens`, and
+    stops after proposing EOS.
+
+    Attributes:
+        kind: ``"fixed"``: a set number of drafts per round; ``"confidence"``: draft while the
+            top-1 probability of the adapted distribution stays at or above `threshold` (the
+            first draft of a round is always kept; a later draft below it is dropped and ends
+            the round).
+        gamma: ``"fixed"`` only: drafts per round, or ``"prefill"``: in the first round draft
+            for as long as the target is still prefilling (at least one), later rounds
+            `decode_gamma`.
+        decode_gamma: drafts per round after the first when ``gamma="prefill"``.
+        threshold: ``"confidence"`` only: minimum top-1 probability of a kept draft.
+        max_drafts: hard cap on drafts in any round.
+    """
+
+    kind: Literal["fixed", "confidence"] = "fixed"
+    gamma: int | Literal["prefill"] = 5
+    decode_gamma: int = 5
+    threshold: float = 0.5
+    max_drafts: int = 32
+
+    def __post_init__(self):
+        if self.kind not in ("fixed", "confidence"):
+            raise ValueError(f"DraftPolicy.kind must be 'fixed' or 'confidence', got {self.kind!r}")
+        if self.gamma != "prefill" and not (isinstance(self.gamma, int) and self.gamma >= 1):
+            raise ValueError(
+                f"DraftPolicy.gamma must be an int >= 1 or 'prefill', got {self.gamma!r}"
+            )
+        for name in ("decode_gamma", "max_drafts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DraftPolicy.{name} must be an int >= 1, got {value!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"DraftPolicy.threshold must lie in (0, 1], got {self.threshold!r}")
+
+    @property
+    def name(self) -> str:
+        """Short label for reports, e.g. ``fixed-5``, ``fixed-prefill``, ``confidence-0.5``."""
+        if self.kind == "confidence":
+            return f"confidence-{self.threshold:g}"
+        return f"fixed-{self.gamma}"
+
+    def round_cap(self, first_round: bool) -> int:
+        """Most drafts this round may propose."""
+        if self.kind == "confidence":
+            return self.max_drafts
+        if self.gamma == "prefill":
+            return self.max_drafts if first_round else min(self.decode_gamma, self.max_drafts)
+        return min(self.gamma, self.max_drafts)
+
+    def drops(self, n_kept: int, confidence: float) -> bool:
+        """Whether a new draft (after `n_kept` kept ones) is dropped, ending the round."""
+        return self.kind == "confidence" and n_kept > 0 and confidence < self.threshold
+
+    def waits_for_target(self, first_round: bool) -> bool:
+        """Whether this round ends as soon as the target has finished its prefill."""
+        return self.kind == "fixed" and self.gamma == "prefill" and first_round
+
+
+@dataclass
+class DraftState:
+    """Where a drafter stands; returned anew by every primitive.
+
+    Attributes:
+        fed: answer tokens the drafter has read after its prompt.
+        cache: the draft model's KV cache, holding prompt + `fed` (None for stub drafters). It
+            is updated in place by the primitives, so only the latest state is valid.
+        hidden: (1, len(fed) + 1, D) draft states of answer positions 0..len(fed), the state at
+            position k being the one that predicts answer token k (None for stub drafters).
+        prompt_len: cache positions taken by the prompt.
+        prompt_last_token: id of the prompt's last token (precedes answer position 0).
+    """
+
+    fed: list[int] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    hidden: torch.Tensor | None = None
+    prompt_len: int = 0
+    prompt_last_token: int | None = None
+
+
+@dataclass
+class Proposal:
+    """Draft tokens of one round and the drafter's top-1 probability for each."""
+
+    tokens: list[int]
+    confidences: list[float]
+
+
+class Drafter(Protocol):
+    """The primitives `propose` and `sync` drive (see the module docstring)."""
+
+    def prefill(self, inputs: Any) -> DraftState: ...
+
+    def next_token(self, state: DraftState) -> tuple[int, float]: ...
+
+    def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState: ...
+
+    def rewind(self, state: DraftState, n_keep: int) -> DraftState: ...
+
+
+def propose(
+    drafter: Drafter,
+    state: DraftState,
+    policy: DraftPolicy,
+    limit: int,
+    *,
+    first_round: bool,
+    target_ready: Callable[[], bool] = lambda: True,
+    eos_token_id: int | None = None,
+) -> tuple[DraftState, Proposal]:
+    """Drafts one round from `state`, which must predict the next answer position.
+
+    Each draft except the last is fed back, so the returned state has read all drafts but the
+    last; `sync` later keeps what the target accepted.
+
+    Args:
+        drafter: the drafter.
+        state: drafter state whose `fed` equals the committed answer.
+        policy: the draft-length policy.
+        limit: most drafts wanted by the caller (tokens left before max_new_tokens).
+        first_round: whether the target is prefilling concurrently (policy ``gamma="prefill"``).
+        target_ready: returns True once the target prefill has finished.
+        eos_token_id: drafting stops after proposing this token.
+
+    Returns:
+        The drafter state after the round and the proposal.
+    """
+    tokens: list[int] = []
+    confidences: list[float] = []
+    cap = min(limit, policy.round_cap(first_round))
+    while len(tokens) < cap:
+        token, confidence = drafter.next_token(state)
+        if policy.drops(len(tokens), confidence):
+            break
+        tokens.append(token)
+        confidences.append(confidence)
+        if (
+            len(tokens) == cap
+            or token == eos_token_id
+            or (policy.waits_for_target(first_round) and target_ready())
+        ):
+            break
+        state = drafter.feed(state, [token])
+    return state, Proposal(tokens, confidences)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def sync(drafter: Drafter, state: DraftState, answer: Sequence[int]) -> DraftState:
+    """Brings the drafter onto the committed `answer`: keep the agreeing fed prefix, read the rest.
+
+    After this the state predicts answer position `len(answer)`; one draft forward reads all
+    missing tokens at once.
+    """
+    keep = common_prefix_len(state.fed, answer)
+    if keep < len(state.fed):
+        state = drafter.rewind(state, keep)
+    if keep < len(answer):
+        state = drafter.feed(state, answer[keep:])
+    return state
+
+
+class AdapterDrafter:
+    """The cross-modal drafter: draft model -> adapter -> target `lm_head` -> argmax.
+
+    Args:
+        draft: the draft model behind the decoding API.
+        adapter: maps draft hidden states to the target's hidden space. Per-position adapters
+            read the newest state only; sequence adapters (`adapter.is_sequence`) are re-run over
+            all answer states so far and the last position is taken, which equals their output
+            on the full answer because they are causal.
+        target_logits: the target's masked `lm_head` (`TargetDecoder.logits`).
+    """
+
+    def __init__(
+        self,
+        draft: DraftDecoder,
+        adapter: Adapter,
+        target_logits: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        self.draft = draft
+        self.adapter = adapter
+        self.target_logits = target_logits
+
+    def prefill(self, inputs: DraftInputs) -> DraftState:
+        out = self.draft.prefill(inputs.input_ids, inputs.event_pixels, keep_last=1)
+        return DraftState(
+            fed=[],
+            cache=out.cache,
+            hidden=out.hidden,
+            prompt_len=out.cache.get_seq_length(),
+            prompt_last_token=int(inputs.input_ids[0, -1]),
+        )
+
+    @torch.inference_mode()
+    def next_token(self, state: DraftState) -> tuple[int, float]:
+        dtype = next(self.adapter.parameters()).dtype
+        if self.adapter.is_sequence:
+            hidden = state.hidden.to(dtype)  # (1, n + 1, D): answer positions 0..n
+            kwargs = {}
+            if self.adapter.uses_tokens:
+                previous = [state.prompt_last_token, *state.fed]  # token before each position
+                kwargs["tokens"] = torch.tensor([previous], device=hidden.device)
+            adapted = self.adapter(hidden, **kwargs)[:, -1]  # (1, D_target)
+        else:
+            adapted = self.adapter(state.hidden[:, -1:].to(dtype))[:, -1]  # (1, D_target)
+        probs = self.target_logits(adapted)[0].softmax(dim=-1)  # (V,)
+        confidence, token = probs.max(dim=-1)
+        return int(token), float(confidence)
+
+    def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState:
+        ids = torch.tensor([list(tokens)], device=state.hidden.device)  # (1, k)
+        out = self.draft.forward_tokens(ids, state.cache)
+        hidden = torch.cat([state.hidden, out.hidden], dim=1)  # (1, n + 1 + k, D)
+        return replace(state, fed=[*state.fed, *tokens], hidden=hidden)
+
+    def rewind(self, state: DraftState, n_keep: int) -> DraftState:
+        crop_cache(state.cache, state.prompt_len + n_keep)
+        return replace(state, fed=state.fed[:n_keep], hidden=state.hidden[:, : n_keep + 1])
+
+
+class ScriptedDrafter:
+    """Test drafter that proposes a known answer, right or wrong at chosen positions.
+
+    At answer position k it proposes `reference[k]` if k < `correct_upto` and k is not in
+    `wrong_at`, otherwise a token that differs from it. Positions past the reference get token 0.
+
+    Args:
+        reference: the answer to copy (e.g. the target's greedy output).
+        vocab_limit: wrong tokens are drawn below this id.
+        correct_upto: first position proposed wrong for good (None: never).
+        wrong_at: further positions proposed wrong.
+        confidence: top-1 probability reported at position k (a constant or a function of k).
+        prefill_s / token_s: sleep in `prefill` / per fed token, to give the stub a cost.
+    """
+
+    def __init__(
+        self,
+        reference: Sequence[int],
+        vocab_limit: int,
+        correct_upto: int | None = None,
+        wrong_at: Sequence[int] = (),
+        confidence: float | Callable[[int], float] = 1.0,
+        prefill_s: float = 0.0,
+        token_s: float = 0.0,
+    ):
+        self.reference = list(reference)
+        self.vocab_limit = vocab_limit
+        self.correct_upto = correct_upto
+        self.wrong_at = set(wrong_at)
+        self.confidence = confidence if callable(confidence) else (lambda _k, c=confidence: c)
+        self.prefill_s = prefill_s
+        self.token_s = token_s
+
+    def is_correct(self, position: int) -> bool:
+        """Whether the proposal at answer `position` copies the reference."""
+        upto_ok = self.correct_upto is None or position < self.correct_upto
+        return upto_ok and position not in self.wrong_at
+
+    def prefill(self, inputs: Any = None) -> DraftState:
+        time.sleep(self.prefill_s)
+        return DraftState()
+
+    def next_token(self, state: DraftState) -> tuple[int, float]:
+        k = len(state.fed)
+        right = self.reference[k] if k < len(self.reference) else 0
+        token = right if self.is_correct(k) else (right + 1) % self.vocab_limit
+        return token, float(self.confidence(k))
+
+    def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState:
+        time.sleep(self.token_s * len(tokens))
+        return replace(state, fed=[*state.fed, *tokens])
+
+    def rewind(self, state: DraftState, n_keep: int) -> DraftState:
+        return replace(state, fed=state.fed[:n_keep])
