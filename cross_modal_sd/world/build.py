@@ -39,9 +39,9 @@ DEFAULT_ROOT = Path("checkpoints/mini")
 class TrainSpec:
     """Optimiser settings for one model (AdamW, one-cycle)."""
 
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.01
 
 
@@ -163,58 +163,264 @@ def verify_build(root: Path) -> None:
 
 
 @dataclass
-class _Example:
-    scene: int
+class _Turn:
     prompt: list[int]
     answer: list[int]  # answer ids followed by EOS
 
 
-def _examples(scenes: list[SceneViews], encode, tokenizer) -> list[_Example]:
-    out = []
-    for i, v in enumerate(scenes):
+def _conversations(scenes: list[SceneViews], first_prompt, tokenizer) -> list[list[_Turn]]:
+    """Per scene, every question as one turn; turns after the first omit the visual prompt.
+
+    Training on multi-turn conversations (as LLaVA-style instruction data does) reads each clip
+    once for all of its questions, several times cheaper than one sequence per question.
+    """
+    convs = []
+    for v in scenes:
+        turns = []
         for qa in questions(v.scene):
-            answer = tokenizer(qa.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            out.append(_Example(i, encode(qa), answer))
-    return out
+            answer = tokenizer(qa.answer, add_special_tokens=False).input_ids
+            later = tokenizer(f"USER: {qa.question} ASSISTANT:", add_special_tokens=False).input_ids
+            turns.append((first_prompt(qa.question), later, answer + [tokenizer.eos_token_id]))
+        convs.append(turns)
+    return convs
 
 
-def _collate(batch: list[_Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (-100 outside answers)."""
-    length = max(len(e.prompt) + len(e.answer) for e in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for r, e in enumerate(batch):
-        seq = e.prompt + e.answer
-        ids[r, : len(seq)] = torch.tensor(seq)
-        labels[r, len(e.prompt) : len(seq)] = torch.tensor(e.answer)
-        mask[r, : len(seq)] = 1
+def _batch(convs, scene_ids: list[int], gen: torch.Generator, pad_id: int):
+    """Right-padded ids, mask and labels of shuffled conversations (labels only on answers)."""
+    seqs = []
+    for i in scene_ids:
+        turns = convs[i]
+        order = torch.randperm(len(turns), generator=gen).tolist()
+        ids: list[int] = []
+        labels: list[int] = []
+        for n, k in enumerate(order):
+            first, later, answer = turns[k]
+            prompt = first if n == 0 else later
+            ids += prompt + answer
+            labels += [-100] * len(prompt) + answer
+        seqs.append((ids, labels))
+    length = max(len(a) for a, _ in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for r, (a, b) in enumerate(seqs):
+        ids[r, : len(a)] = torch.tensor(a)
+        labels[r, : len(b)] = torch.tensor(b)
+        mask[r, : len(a)] = 1
     return ids, mask, labels
 
 
-def train_vlm(model, examples: list[_Example], visuals: torch.Tensor, visual_kw: str, spec: TrainSpec,
-              seed: int, pad_id: int, progress: Progress | None = None, desc: str = "train") -> list[float]:
-    """Teacher-forced cross-entropy on answers; returns the loss per step."""
+def train_vlm(model, convs, visuals: torch.Tensor, visual_kw: str, spec: TrainSpec, seed: int,
+              pad_id: int, report=None) -> list[float]:
+    """Teacher-forced cross-entropy on answers; returns the loss per step.
+
+    Args:
+        model: the VLM (its forward takes input_ids, attention_mask, labels and `visual_kw`).
+        convs: per-scene conversations from `_conversations`.
+        visuals: (n_scenes, ...) pixel tensors, indexed like `convs`.
+        visual_kw: name of the pixel argument of the model's forward.
+        spec: optimiser settings.
+        seed: seeds batch sampling and turn order.
+        pad_id: padding id.
+        report: optional callable(step, loss) for progress.
+    """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
-    task = progress.add_task(desc, total=spec.steps, loss=float("nan")) if progress else None
     losses = []
-    for _ in range(spec.steps):
-        idx = torch.randint(len(examples), (spec.batch_size,), generator=gen)
-        batch = [examples[i] for i in idx.tolist()]
-        ids, mask, labels = _collate(batch, pad_id)
-        vis = visuals[[e.scene for e in batch]]
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **{visual_kw: vis}).loss
+    for step in range(spec.steps):
+        scene_ids = torch.randint(len(convs), (spec.batch_size,), generator=gen).tolist()
+        ids, mask, labels = _batch(convs, scene_ids, gen, pad_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **{visual_kw: visuals[scene_ids]}).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if progress is not None:
-            progress.update(task, advance=1, loss=float(np.mean(losses[-20:])))
+        if report is not None:
+            report(step + 1, float(np.mean(losses[-20:])))
     model.eval()
     return losses
+
+
+def _train_worker(kind: str, config: dict, out_dir: str, queue) -> None:
+    """Trains and saves one model in its own process (one intra-op thread: the two models train
+    side by side on a 2-core machine, and tiny ops on oversubscribed threads stall badly)."""
+    torch.set_num_threads(1)
+    cfg = MiniWorldConfig.from_dict(config)
+    tok = build_tokenizer()
+    world = MiniWorld(Path(out_dir), cfg, tok)
+    scenes = world.scenes("train")
+    if kind == "target":
+        model = build_target(tok, cfg.target_tower, cfg.target_decoder, cfg.image_size, cfg.n_frames)
+        convs = _conversations(scenes, lambda q: encode_target_prompt(tok, q, world.n_video_tokens), tok)
+        visuals, kw, spec = torch.stack([v.frames for v in scenes]), "pixel_values_videos", cfg.target_train
+    else:
+        model = build_draft(tok, cfg.draft_tower, cfg.draft_decoder, cfg.image_size, cfg.event_frames)
+        convs = _conversations(scenes, lambda q: encode_draft_prompt(tok, q), tok)
+        visuals, kw, spec = torch.stack([v.event_pixels for v in scenes]), "event_pixels", cfg.draft_train
+    seed = cfg.seed + (0 if kind == "target" else 1)
+    losses = train_vlm(model, convs, visuals, kw, spec, seed, tok.pad_token_id,
+                       report=lambda step, loss: queue.put((kind, step, loss)))
+    if kind == "target":
+        model.save_pretrained(world.target_dir, safe_serialization=True)
+        tok.save_pretrained(world.target_dir)
+    else:
+        save_eventgpt(model, world.draft_dir)
+        tok.save_pretrained(world.draft_dir)
+    (Path(out_dir) / f"{kind}_losses.json").write_text(json.dumps(losses))
+    queue.put((kind, "done", None))
+
+
+def _train_both(config: MiniWorldConfig, out_dir: Path) -> None:
+    """Trains target and draft in two spawned processes, with one progress bar each."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = {
+        kind: ctx.Process(target=_train_worker, args=(kind, dataclasses.asdict(config), str(out_dir), queue))
+        for kind in ("target", "draft")
+    }
+    for p in procs.values():
+        p.start()
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        tasks = {
+            "target": progress.add_task("train mini target (Video-LLaVA)", total=config.target_train.steps, loss=float("nan")),
+            "draft": progress.add_task("train mini draft (EventGPT)", total=config.draft_train.steps, loss=float("nan")),
+        }
+        done: set[str] = set()
+        while len(done) < 2:
+            try:
+                kind, step, loss = queue.get(timeout=5)
+            except Exception:  # queue.Empty: check that no worker died silently
+                dead = [k for k, p in procs.items() if k not in done and not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"mini-world training of {dead} exited with code "
+                                       f"{[procs[k].exitcode for k in dead]}") from None
+                continue
+            if step == "done":
+                done.add(kind)
+            else:
+                progress.update(tasks[kind], completed=step, loss=loss)
+    for p in procs.values():
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"mini-world training process exited with code {p.exitcode}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def answer_accuracy(world: MiniWorld, split: str = "test", batch_size: int = 48) -> dict:
+    """Exact-match accuracy of both models' greedy answers on a held-out split, per question type."""
+    from cross_modal_sd.models.generation import generate_draft, generate_target, greedy_kwargs
+
+    tok = world.tokenizer
+    target, draft = world.load_target(), world.load_draft()
+    kw = greedy_kwargs(world.vocab_limit, len(tok), world.config.max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+    items = [(v, qa) for v in world.scenes(split) for qa in questions(v.scene)]
+    hits: dict[str, dict[str, list[int]]] = {"target": {}, "draft": {}}
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        refs = [qa.answer for _, qa in chunk]
+        outs = {
+            "target": generate_target(
+                target, [encode_target_prompt(tok, qa.question, world.n_video_tokens) for _, qa in chunk],
+                torch.stack([v.frames for v, _ in chunk]), kw),
+            "draft": generate_draft(
+                draft, [encode_draft_prompt(tok, qa.question) for _, qa in chunk],
+                torch.stack([v.event_pixels for v, _ in chunk]), kw),
+        }
+        for name, rows in outs.items():
+            for (_, qa), row, ref in zip(chunk, rows, refs, strict=True):
+                ok = tok.decode(row, skip_special_tokens=True).strip() == ref
+                hits[name].setdefault(qa.qtype, []).append(int(ok))
+    report: dict = {"split": split, "n_pairs": len(items)}
+    for name, by_type in hits.items():
+        report[name] = {
+            "exact": float(np.mean([h for v in by_type.values() for h in v])),
+            "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+        }
+    return report
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def load_world(root: Path, config: MiniWorldConfig) -> MiniWorld:
+    """Opens a verified build."""
+    from transformers import PreTrainedTokenizerFast
+
+    verify_build(root)
+    tok = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+    return MiniWorld(root, config, tok)
+
+
+def build_mini_world(config: MiniWorldConfig | None = None, root: str | Path = DEFAULT_ROOT,
+                     force: bool = False, log=print) -> MiniWorld:
+    """Returns the built world for `config`, building it when missing, incomplete or altered.
+
+    Args:
+        config: world config (defaults to MiniWorldConfig()).
+        root: parent directory; the build lives in `root/<config digest>/`.
+        force: rebuild even when a valid build exists.
+        log: callable for one-line messages.
+    """
+    config = config or MiniWorldConfig()
+    out = Path(root) / config.digest()
+    if out.exists() and not force:
+        try:
+            return load_world(out, config)
+        except CheckpointError as err:
+            log(f"mini world at {out} is unusable ({err}); rebuilding")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp / "tokenizer")
+    log(f"building the mini world {config.digest()} (two tiny VLMs trained on CPU; a few minutes)")
+    _train_both(config, tmp)
+    train_s = time.perf_counter() - t0
+    world = MiniWorld(tmp, config, tok)
+    accuracy = answer_accuracy(world)
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(tmp))
+        files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    stamp = {
+        "config": dataclasses.asdict(config),
+        "digest": config.digest(),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(train_s, 1),
+        "accuracy": accuracy,
+        "files": files,
+    }
+    # The stamp is written last: a build without it is incomplete by definition.
+    (tmp / "BUILD.json").write_text(json.dumps(stamp, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"built in {stamp['build_seconds']} s; test exact match: target "
+        f"{accuracy['target']['exact']:.1%}, draft {accuracy['draft']['exact']:.1%}")
+    return load_world(out, config)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="parent directory of builds")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
+    args = parser.parse_args()
+    world = build_mini_world(root=args.root, force=args.force)
+    stamp = json.loads((world.root / "BUILD.json").read_text())
+    print(json.dumps({"root": str(world.root), "accuracy": stamp["accuracy"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -31,9 +31,7 @@ def _lane(obj: RoadObject) -> str:
 
 
 def _doing(obj: RoadObject) -> str:
-    if obj.moving:
-        return f"moving {obj.direction} at {obj.speed} speed"
-    return "parked"
+    return f"moving {obj.direction}" if obj.moving else "parked"
 
 
 def _describe_obj(obj: RoadObject) -> str:
@@ -47,10 +45,7 @@ def questions(scene: Scene) -> list[QA]:
     for obj in scene.objects:
         c = obj.cls
         if obj.moving:
-            motion = (
-                f"the {c} in the {_lane(obj)} lane is moving {obj.direction} "
-                f"at {obj.speed} speed ."
-            )
+            motion = f"the {c} in the {_lane(obj)} lane is moving to the {obj.direction} ."
         else:
             motion = f"the {c} in the {_lane(obj)} lane is not moving , it is parked ."
         out.append(QA(f"{sid}/motion/{c}", "motion", f"which way is the {c} moving ?", motion))
@@ -95,12 +90,12 @@ def questions(scene: Scene) -> list[QA]:
 
 def vocabulary() -> list[str]:
     """Every word a question, an answer or a prompt of the mini world can contain."""
-    from cross_modal_sd.world.scenes import CLASSES, COLOURS, DIRECTIONS, SPEEDS
+    from cross_modal_sd.world.scenes import CLASSES, COLOURS, DIRECTIONS
 
     words = set(
-        "which way is the moving ? lane in what colour at speed . , not it parked driving of road "
+        "which way is the moving ? lane in what colour to . , not it parked driving of road "
         "a and nothing still yes no on everything describe scene : day night anything painted "
         "USER: ASSISTANT:".split()
     )
-    words |= set(CLASSES) | set(COLOURS) | set(DIRECTIONS) | set(SPEEDS) | set(LANES)
+    words |= set(CLASSES) | set(COLOURS) | set(DIRECTIONS) | set(LANES)
     return sorted(words)

@@ -25,6 +25,7 @@ LANES = ("far", "middle", "near")
 DIRECTIONS = ("left", "right", "stopped")
 SPEEDS = {"slow": 6.0, "fast": 14.0}  # pixels travelled over one clip
 
+HEADLIGHT = np.array([1.0, 1.0, 0.75], dtype=np.float32)
 SKY_ROWS = 8  # rows 0..7 are sky; the three lanes fill the rest of a 32-row frame
 LANE_ROWS = 8
 
@@ -63,7 +64,7 @@ class Scene:
 
 def sample_scene(scene_id: str, rng: np.random.Generator, size: int = 32) -> Scene:
     """Draws a scene: 1-2 objects of distinct classes in distinct lanes; about 1 in 4 is parked."""
-    n = int(rng.integers(1, 3))
+    n = 1 if rng.random() < 0.65 else 2
     classes = rng.choice(len(CLASSES), size=n, replace=False)
     lanes = rng.choice(len(LANES), size=n, replace=False)
     objects = []
@@ -119,6 +120,10 @@ def render(scene: Scene, t: float, size: int = 32) -> np.ndarray:
         colour = np.array(COLOURS[obj.colour], dtype=np.float32) * (0.6 if scene.night else 1.0)
         region = img[:, rows, :]
         img[:, rows, :] = region * (1 - cover) + colour[:, None, None] * cover
+        if obj.moving:
+            # A lit headlight marks the front, so heading is visible in a single frame.
+            front = int(np.clip(np.floor(left + w - 1 if obj.direction == "right" else left), 0, size - 1))
+            img[:, top + round(h) // 2, front] = HEADLIGHT
     return img
 
 

@@ -1,0 +1,197 @@
+"""Teacher-forced extraction of paired hidden states into a resumable cache (DESIGN §6).
+
+For each sample the target generates its greedy answer y; then each model reads its own prompt
+followed by y[:-1] in one forward, and the final-layer post-norm states at the |y| positions that
+predict y[0..|y|-1] are stored with y. Because both rows of position k predict the same token of
+the same text, the leading run of `argmax(lm_head(adapter(h_draft))) == y` is exactly what greedy
+speculative decoding accepts in its first round.
+
+    python -m cross_modal_sd.extract                        # mini world, default split sizes
+    python -m cross_modal_sd.extract data.n_scenes=50 out_dir=/tmp/cache
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from cross_modal_sd.data.cache_format import CacheWriter
+from cross_modal_sd.models.generation import greedy_kwargs
+from cross_modal_sd.models.prompts import (
+    DRAFT_TEMPLATE,
+    TARGET_TEMPLATE,
+    encode_draft_prompt,
+    encode_target_prompt,
+)
+from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder
+
+
+@dataclass
+class PairSample:
+    """One question about one clip, prepared for both models (batch dimension 1)."""
+
+    sample_id: str
+    group: str  # scene / sequence id: splits never separate a group
+    question_id: str
+    target_ids: torch.Tensor  # (1, L_t) with expanded video tokens
+    frames: torch.Tensor  # (1, F, 3, H, W)
+    draft_ids: torch.Tensor  # (1, L_d) with the event placeholder
+    event_pixels: torch.Tensor  # (1, T, 3, H, W)
+    reference: str | None = None
+
+
+@dataclass
+class PairModels:
+    """Both models with the tokenizer and metadata an extraction or evaluation needs."""
+
+    target: TargetDecoder
+    draft: DraftDecoder
+    tokenizer: object
+    target_id: str
+    draft_id: str
+    n_video_tokens: int
+    max_new_tokens: int
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+
+def load_pair(models_cfg: DictConfig) -> PairModels:
+    """Loads the draft/target pair named by a `conf/models/*` config."""
+    if models_cfg.kind != "mini":
+        raise ValueError(f"unknown models.kind {models_cfg.kind!r}; known: mini")
+    world = mini_world(models_cfg)
+    tok = world.tokenizer
+    return PairModels(
+        target=TargetDecoder(world.load_target(), world.vocab_limit),
+        draft=DraftDecoder(world.load_draft(), world.vocab_limit),
+        tokenizer=tok,
+        target_id=str(world.target_dir),
+        draft_id=str(world.draft_dir),
+        n_video_tokens=world.n_video_tokens,
+        max_new_tokens=world.config.max_new_tokens,
+    )
+
+
+def mini_world(models_cfg: DictConfig):
+    """Builds or opens the mini world described by `models_cfg.world`."""
+    from cross_modal_sd.world.build import MiniWorldConfig, build_mini_world
+
+    world_cfg = OmegaConf.to_container(models_cfg.world, resolve=True)
+    return build_mini_world(MiniWorldConfig.from_dict(world_cfg), root=models_cfg.root)
+
+
+def mini_samples(pair: PairModels, split: str, start: int, n_scenes: int, world_cfg) -> Iterator[PairSample]:
+    """Samples of mini-world scenes start..start+n_scenes-1 of a split."""
+    from cross_modal_sd.world.dataset import iter_samples
+
+    tok = pair.tokenizer
+    for s in iter_samples(world_cfg.seed, split, n_scenes, world_cfg.image_size, world_cfg.n_frames,
+                          world_cfg.event_frames, start=start):
+        yield PairSample(
+            sample_id=s.sample_id,
+            group=s.scene.scene_id,
+            question_id=s.qa.qtype,
+            target_ids=torch.tensor([encode_target_prompt(tok, s.qa.question, pair.n_video_tokens)]),
+            frames=s.frames[None],
+            draft_ids=torch.tensor([encode_draft_prompt(tok, s.qa.question)]),
+            event_pixels=s.event_pixels[None],
+            reference=s.qa.answer,
+        )
+
+
+@torch.inference_mode()
+def target_answer(pair: PairModels, sample: PairSample, max_new_tokens: int) -> list[int]:
+    """The target's greedy answer (EOS included when reached), one sample at a time."""
+    model = pair.target.model
+    tok = pair.tokenizer
+    kw = greedy_kwargs(pair.target.vocab_limit, model.config.text_config.vocab_size, max_new_tokens,
+                       tok.eos_token_id, tok.pad_token_id)
+    out = model.generate(input_ids=sample.target_ids.to(model.device),
+                         pixel_values_videos=sample.frames.to(model.device, model.dtype), **kw)
+    return out[0, sample.target_ids.shape[1] :].tolist()
+
+
+@torch.inference_mode()
+def teacher_forced_states(pair: PairModels, sample: PairSample, answer: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-layer states of both models at the |y| positions that predict y: (|y|, D) each."""
+    n = len(answer)
+    fed = torch.tensor([answer[:-1]], dtype=torch.long)  # (1, n - 1)
+    t_ids = torch.cat([sample.target_ids, fed], dim=1)
+    d_ids = torch.cat([sample.draft_ids, fed], dim=1)
+    h_t = pair.target.prefill(t_ids, sample.frames, keep_last=n).hidden[0]  # (n, Dt)
+    h_d = pair.draft.prefill(d_ids, sample.event_pixels, keep_last=n).hidden[0]  # (n, Dd)
+    return h_d, h_t
+
+
+def extract(cfg: DictConfig) -> dict:
+    """Runs (or resumes) one extraction; returns counts and timing.
+
+    Args:
+        cfg: composed `conf/extract.yaml` (keys `models`, `data`, `split`, `out_dir`, `dtype`,
+            `shard_samples`, `max_new_tokens`).
+    """
+    pair = load_pair(cfg.models)
+    out = Path(cfg.out_dir)
+    max_new = int(cfg.max_new_tokens or pair.max_new_tokens)
+    lm_head = pair.target.lm_head_weight
+    meta = {
+        "pairing": "teacher_forced",
+        "draft_model": pair.draft_id,
+        "target_model": pair.target_id,
+        "draft_prompt_template": DRAFT_TEMPLATE,
+        "target_prompt_template": TARGET_TEMPLATE,
+        "draft_dim": int(pair.draft.lm_head_weight.shape[1]),
+        "target_dim": int(lm_head.shape[1]),
+        "dtype": cfg.dtype,
+        "max_new_tokens": max_new,
+        "vocab_limit": pair.target.vocab_limit,
+        "extra": {"split": cfg.split, "data": OmegaConf.to_container(cfg.data, resolve=True)},
+    }
+    samples = list(mini_samples(pair, cfg.split, cfg.data.start, cfg.data.n_scenes, cfg.models.world))
+    t0 = time.perf_counter()
+    written = 0
+    with CacheWriter(out, meta, shard_samples=cfg.shard_samples) as writer:
+        writer.set_lm_head(lm_head.detach().cpu())
+        done = writer.done_ids()
+        todo = [s for s in samples if s.sample_id not in done]
+        for sample in tqdm(todo, desc=f"extract {cfg.split}", unit="sample", dynamic_ncols=True):
+            answer = target_answer(pair, sample, max_new)
+            h_d, h_t = teacher_forced_states(pair, sample, answer)
+            writer.add(sample.sample_id, sample.group, sample.question_id, h_d, h_t,
+                       torch.tensor(answer), extra={"reference": sample.reference})
+            written += 1
+    seconds = time.perf_counter() - t0
+    return {"out_dir": str(out), "samples": len(samples), "written": written,
+            "resumed": len(samples) - len(todo), "seconds": round(seconds, 1)}
+
+
+def ensure_cache(cfg: DictConfig) -> Path:
+    """Extracts (or finishes extracting) the cache a training config's `data` names.
+
+    Resuming a complete cache writes nothing, so calling this before every run costs only the
+    model load and sample listing.
+    """
+    out = Path(cfg.data.cache_dir)
+    extract(OmegaConf.merge(
+        OmegaConf.create({"dtype": "float32", "shard_samples": 256, "max_new_tokens": None}),
+        {"models": cfg.models, "data": cfg.data, "out_dir": str(out), "split": cfg.data.split},
+    ))
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="extract", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    print(extract(cfg))
+
+
+if __name__ == "__main__":
+    main()
