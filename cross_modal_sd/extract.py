@@ -58,6 +58,7 @@ class PairModels:
     draft_id: str
     n_video_tokens: int
     max_new_tokens: int
+    world: object = None  # the MiniWorld when the pair is the mini one
 
     @property
     def eos_id(self) -> int:
@@ -78,6 +79,7 @@ def load_pair(models_cfg: DictConfig) -> PairModels:
         draft_id=str(world.draft_dir),
         n_video_tokens=world.n_video_tokens,
         max_new_tokens=world.config.max_new_tokens,
+        world=world,
     )
 
 
@@ -89,13 +91,13 @@ def mini_world(models_cfg: DictConfig):
     return build_mini_world(MiniWorldConfig.from_dict(world_cfg), root=models_cfg.root)
 
 
-def mini_samples(pair: PairModels, split: str, start: int, n_scenes: int, world_cfg) -> Iterator[PairSample]:
+def mini_samples(pair: PairModels, split: str, start: int, n_scenes: int) -> Iterator[PairSample]:
     """Samples of mini-world scenes start..start+n_scenes-1 of a split."""
     from cross_modal_sd.world.dataset import iter_samples
 
     tok = pair.tokenizer
-    for s in iter_samples(world_cfg.seed, split, n_scenes, world_cfg.image_size, world_cfg.n_frames,
-                          world_cfg.event_frames, start=start):
+    c = pair.world.config
+    for s in iter_samples(c.seed, split, n_scenes, c.image_size, c.n_frames, c.event_frames, start=start):
         yield PairSample(
             sample_id=s.sample_id,
             group=s.scene.scene_id,
@@ -156,7 +158,7 @@ def extract(cfg: DictConfig) -> dict:
         "vocab_limit": pair.target.vocab_limit,
         "extra": {"split": cfg.split, "data": OmegaConf.to_container(cfg.data, resolve=True)},
     }
-    samples = list(mini_samples(pair, cfg.split, cfg.data.start, cfg.data.n_scenes, cfg.models.world))
+    samples = list(mini_samples(pair, cfg.split, cfg.data.start, cfg.data.n_scenes))
     t0 = time.perf_counter()
     written = 0
     with CacheWriter(out, meta, shard_samples=cfg.shard_samples) as writer:
