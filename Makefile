@@ -16,14 +16,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on the mini world, one step per line so each is a command you can rerun alone.
+DEMO_RUN ?= demo-L1
 demo: $(STAMP)
-	$(BIN)/python -m cross_modal_sd.demo
+	$(BIN)/python -m cross_modal_sd.world.build
+	$(BIN)/python -m cross_modal_sd.extract
+	$(BIN)/python train.py run_name=$(DEMO_RUN)
+	$(BIN)/python evaluate.py ckpt=checkpoints/$(DEMO_RUN)/best_model.pt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow and not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_train_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -31,7 +31,7 @@ from cross_modal_sd.world.dataset import SceneViews, render_scene
 from cross_modal_sd.world.qa import QA, questions
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
-BUILD_FORMAT = 1  # bump when the build code changes what a given config produces
+BUILD_FORMAT = 2  # bump when the build code changes what a given config produces
 DEFAULT_ROOT = Path("checkpoints/mini")
 
 
