@@ -1,0 +1,393 @@
+"""Aggregation of per-sample evaluation records into `report.json`, and its Markdown rendering.
+
+A per-sample record (one line of `samples.jsonl`) holds the baseline run and one run per strategy,
+all on the same inputs::
+
+    {"sample_id": ..., "baseline": {"tokens": [...], "total_ms": ...},
+     "strategies": {"sd_fixed_draft_model": {SDResult fields}, "prompt_lookup": {...}},
+     "costs": {"target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms"}}
+
+Conventions (DESIGN §10): times and counts are means over samples; `accept_rate` is accepted /
+drafted summed over all samples and rounds; `speedup.ratio_of_means` divides the mean baseline
+time by the mean strategy time, `speedup.mean_of_ratios` averages the per-sample ratios; a
+strategy is lossless on a sample when its tokens equal the baseline's. Quantities a strategy
+does not measure (HF `generate` gives no phase breakdown) are None, never 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+BASELINE = "baseline"
+KINDS = ("baseline", "sd", "peer")
+TIME_KEYS = (
+    "prefill_ms",
+    "draft_prefill_ms",
+    "draft_ms",
+    "verify_ms",
+    "decode_ms",
+    "total_ms",
+    "overlap_ms",
+    "wait_ms",
+)
+# The real pair's cost shape (DESIGN §5/§12), printed next to the measured one.
+REFERENCE_COSTS = {
+    "target_prefill_share": 0.43,
+    "draft_prefill_ratio": 0.27,
+    "draft_token_ratio": 0.7,
+}
+COST_LABELS = {
+    "target_prefill_share": "target prefill / baseline answer time",
+    "draft_prefill_ratio": "draft prefill / target prefill",
+    "draft_token_ratio": "draft per-token / target per-token",
+}
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """`num / den`, None when either is missing or `den` is 0."""
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def accepted_length_histogram(lengths: Sequence[int], max_len: int) -> list[int]:
+    """Counts of samples by accepted length 0..max_len (longer runs in the last bin)."""
+    counts = [0] * (max_len + 1)
+    for n in lengths:
+        counts[min(n, max_len)] += 1
+    return counts
+
+
+def position_acceptance(
+    drafted: Sequence[int], accepted: Sequence[int], max_len: int
+) -> list[float | None]:
+    """Round-1 acceptance by position from per-sample (drafted, accepted) counts.
+
+    At position k: among samples whose first round drafted more than k tokens, the share whose
+    first `k + 1` drafts were all accepted. None where no sample drafted that far.
+    """
+    out: list[float | None] = []
+    for k in range(max_len):
+        reached = [a for d, a in zip(drafted, accepted, strict=True) if d > k]
+        out.append(sum(a > k for a in reached) / len(reached) if reached else None)
+    return out
+
+
+def summarize_strategy(
+    name: str,
+    kind: str,
+    runs: Sequence[Mapping[str, Any]],
+    baselines: Sequence[Mapping[str, Any]],
+    max_len: int,
+) -> dict[str, Any]:
+    """Per-strategy means, speedups and losslessness over paired runs.
+
+    Args:
+        name: strategy key.
+        kind: ``"baseline"``, ``"sd"`` or ``"peer"``.
+        runs: one record per sample (`SDResult.to_dict` or `GenerationRecord.to_dict`).
+        baselines: the baseline record of the same samples, in the same order.
+        max_len: bins of the accepted-length histogram and positions of the acceptance curve.
+
+    Returns:
+        A JSON-ready dict (see the module docstring for the conventions).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"strategy {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    if len(runs) != len(baselines) or not runs:
+        raise ValueError(
+            f"strategy {name!r}: need one run per baseline sample, got {len(runs)} runs for "
+            f"{len(baselines)} baseline samples"
+        )
+    out: dict[str, Any] = {"kind": kind, "method": runs[0].get("method", name)}
+    out["n_samples"] = len(runs)
+    for key in TIME_KEYS:
+        values = [r.get(key) for r in runs]
+        out[key] = mean(values) if all(v is not None for v in values) else None
+    out["tokens"] = mean([len(r["tokens"]) for r in runs])
+    if kind == "sd":
+        drafted = [sum(r["drafted"]) for r in runs]
+        accepted = [sum(r["accepted"]) for r in runs]
+        first_drafted = [r["drafted"][0] for r in runs]
+        first_accepted = [r["accepted"][0] for r in runs]
+        out["tau"] = mean([r["tau"] for r in runs])
+        out["accept_rate"] = ratio(sum(accepted), sum(drafted))
+        out["accepted_mean"] = mean(accepted)
+        out["drafted_mean"] = mean(drafted)
+        out["first_round_accepted_mean"] = mean(first_accepted)
+        out["overlap_share"] = ratio(out["overlap_ms"], out["prefill_ms"])
+        out["accepted_length_hist"] = accepted_length_histogram(first_accepted, max_len)
+        out["position_acceptance"] = position_acceptance(first_drafted, first_accepted, max_len)
+    else:
+        # Greedy `generate` runs one target forward per token by construction; the peers'
+        # internals are not exposed by HF.
+        out["tau"] = 1.0 if kind == "baseline" else None
+        for key in ("accept_rate", "accepted_mean", "drafted_mean", "first_round_accepted_mean"):
+            out[key] = None
+        out["overlap_share"] = None
+        out["accepted_length_hist"] = None
+        out["position_acceptance"] = None
+    base_ms = [b["total_ms"] for b in baselines]
+    own_ms = [r["total_ms"] for r in runs]
+    out["speedup"] = {
+        "ratio_of_means": ratio(mean(base_ms), mean(own_ms)),
+        "mean_of_ratios": mean([ratio(b, t) for b, t in zip(base_ms, own_ms, strict=True)]),
+    }
+    out["slower_share"] = mean([float(t > b) for b, t in zip(base_ms, own_ms, strict=True)])
+    same = [r["tokens"] == b["tokens"] for r, b in zip(runs, baselines, strict=True)]
+    out["lossless_rate"] = mean([float(s) for s in same])
+    out["lossless"] = all(same)
+    out["flag"] = (
+        None
+        if all(same)
+        else f"NOT LOSSLESS: {len(same) - sum(same)} of {len(same)} outputs differ from the "
+        f"baseline; its speedup is not a valid comparison"
+    )
+    return out
+
+
+def cost_ratios(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Measured cost shape (DESIGN §5) from the per-sample cost probes and baseline times.
+
+    Ratios are of means over the samples that measured both sides (a one-token answer has no
+    per-token time). Returns the mean ms of each probe, the three ratios and the reference values
+    of the real pair.
+    """
+    costs = [r["costs"] for r in records if r.get("costs")]
+    keys = ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms")
+    out: dict[str, Any] = {k: mean([c.get(k) for c in costs]) for k in keys}
+    out["n_samples"] = len(costs)
+    base = mean([r["baseline"]["total_ms"] for r in records if r.get("costs")])
+    per_token = [c for c in costs if c.get("target_token_ms") and c.get("draft_token_ms")]
+    out["target_prefill_share"] = ratio(out["target_prefill_ms"], base)
+    out["draft_prefill_ratio"] = ratio(out["draft_prefill_ms"], out["target_prefill_ms"])
+    out["draft_token_ratio"] = ratio(
+        mean([c["draft_token_ms"] for c in per_token]),
+        mean([c["target_token_ms"] for c in per_token]),
+    )
+    out["reference"] = dict(REFERENCE_COSTS)
+    return out
+
+
+def aggregate(
+    records: Sequence[Mapping[str, Any]], kinds: Mapping[str, str], max_len: int
+) -> dict[str, Any]:
+    """The E2E report from per-sample records.
+
+    Args:
+        records: per-sample records (module docstring), all holding every strategy in `kinds`.
+        kinds: strategy key -> ``"sd"`` or ``"peer"`` (the baseline is added), in report order.
+        max_len: the answer cap; bins of the histograms and positions of the curves.
+
+    Returns:
+        ``n_samples``, ``lossless_rate`` (share of samples where every SD configuration equals
+        the baseline; None without SD configurations), ``lossless``, ``strategies`` (baseline
+        first, see `summarize_strategy`), ``cost_ratios`` and ``warnings``.
+
+    Raises:
+        ValueError: no records, or a record lacking a strategy.
+    """
+    if not records:
+        raise ValueError("no evaluation records to aggregate (the sample list was empty)")
+    for r in records:
+        missing = [name for name in kinds if name not in r["strategies"]]
+        if missing:
+            raise ValueError(f"record {r.get('sample_id')!r} lacks strategies {missing}")
+    baselines = [r["baseline"] for r in records]
+    strategies = {BASELINE: summarize_strategy(BASELINE, "baseline", baselines, baselines, max_len)}
+    for name, kind in kinds.items():
+        runs = [r["strategies"][name] for r in records]
+        strategies[name] = summarize_strategy(name, kind, runs, baselines, max_len)
+    sd_names = [n for n, k in kinds.items() if k == "sd"]
+    all_same = [
+        all(r["strategies"][n]["tokens"] == r["baseline"]["tokens"] for n in sd_names)
+        for r in records
+    ]
+    warnings = [f"{name}: {s['flag']}" for name, s in strategies.items() if s["flag"] is not None]
+    return {
+        "n_samples": len(records),
+        "lossless_rate": mean([float(s) for s in all_same]) if sd_names else None,
+        "lossless": all(all_same),
+        "strategies": strategies,
+        "cost_ratios": cost_ratios(records),
+        "warnings": warnings,
+    }
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: None/NaN as an en dash, floats with `digits` decimals."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**NO**"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
+    """A Markdown table (first column left-aligned, the rest right-aligned)."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(fmt(v, digits) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cost_line(costs: Mapping[str, Any]) -> str:
+    parts = [
+        f"{COST_LABELS[k].split(' / ')[0]} {fmt(costs.get(k))} (real {fmt(REFERENCE_COSTS[k])})"
+        for k in REFERENCE_COSTS
+    ]
+    return "Measured cost shape: " + "; ".join(parts) + "."
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _curve_table(
+    strategies: Mapping[str, Mapping[str, Any]], key: str, label: str, counts: bool = False
+) -> str:
+    names = [n for n, s in strategies.items() if s.get(key) is not None]
+    if not names:
+        return "(no SD configuration)"
+    curves = [strategies[n][key] for n in names]
+    length = max(len(c) for c in curves)
+    # Trailing rows without data (no sample reached; empty histogram bins) say nothing.
+    while length > 1 and all(
+        _is_empty(c[length - 1]) or (counts and c[length - 1] == 0) for c in curves
+    ):
+        length -= 1
+    rows = [[k, *[c[k] for c in curves]] for k in range(length)]
+    return table([label, *names], rows)
+
+
+def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    """`report.md` of an E2E run: the report's numbers as tables, plots linked at the end."""
+    s = report["strategies"]
+    costs = report["cost_ratios"]
+    ckpt = report.get("checkpoint", {})
+    cfg = report.get("config", {})
+    out = ["# End-to-end evaluation", ""]
+    if ckpt:
+        verified = (
+            "its training cache names the same models"
+            if ckpt.get("models_verified")
+            else "only dims checked (its training cache was not found to compare model ids)"
+        )
+        out.append(
+            f"Checkpoint `{ckpt.get('path')}` (adapter {ckpt.get('adapter')}, run "
+            f"{ckpt.get('run_name')}); {verified}."
+        )
+    if cfg:
+        source = f" ({cfg['source']})" if cfg.get("source") else ""
+        out.append(
+            f"{report['n_samples']} samples{source}, max_new_tokens {cfg.get('max_new_tokens')}, "
+            f"thread budget {cfg.get('threads')}, warm-up {cfg.get('warmup')} untimed run(s) per "
+            f"method, order {cfg.get('order')}, device {cfg.get('device')}."
+        )
+    lossless = report["lossless_rate"]
+    out += ["", f"**lossless_rate: {fmt(lossless, 3)}**"]
+    if not report["lossless"]:
+        out += [
+            "",
+            "> **WARNING: NOT LOSSLESS.** Some SD output differs from the target's greedy "
+            "output; the speedups of flagged strategies are not valid comparisons.",
+        ]
+    for w in report.get("warnings", []):
+        out.append(f"> {w}")
+    out += ["", "## Speedup over the target's greedy `generate`", ""]
+    rows = [
+        [
+            name,
+            v["method"],
+            v["total_ms"],
+            v["tokens"],
+            v["speedup"]["ratio_of_means"],
+            v["speedup"]["mean_of_ratios"],
+            v["slower_share"],
+            v["lossless_rate"],
+            v["flag"] or "",
+        ]
+        for name, v in s.items()
+    ]
+    header = [
+        "strategy",
+        "method",
+        "total ms",
+        "tokens",
+        "speedup (ratio of means)",
+        "speedup (mean of ratios)",
+        "slower than baseline",
+        "lossless rate",
+        "flag",
+    ]
+    out += [table(header, rows), "", _cost_line(costs), ""]
+    out += ["## Cost shape (measured vs the real pair, DESIGN §5)", ""]
+    rows = [[COST_LABELS[k], costs.get(k), REFERENCE_COSTS[k]] for k in REFERENCE_COSTS]
+    rows += [
+        [k.removesuffix("_ms").replace("_", " ") + " (ms)", costs.get(k), None]
+        for k in ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms")
+    ]
+    out += [table(["quantity", "measured", "real pair"], rows, digits=3), ""]
+    out += ["## Timing breakdown (mean ms per sample)", ""]
+    rows = [[name, *[v[k] for k in TIME_KEYS], v["overlap_share"]] for name, v in s.items()]
+    header = ["strategy", *[k.removesuffix("_ms") for k in TIME_KEYS], "overlap / prefill"]
+    out += [
+        table(header, rows),
+        "",
+        "`prefill` is the target prefill; `overlap` the measured intersection of the target "
+        "prefill with the draft's round-1 work (two threads); `wait` the time the target, "
+        "done prefilling, waited for the drafts. HF `generate` strategies report totals only.",
+        "",
+    ]
+    out += ["## Acceptance", ""]
+    keys = ("tokens", "tau", "accept_rate", "accepted_mean", "drafted_mean")
+    rows = [[name, *[v[k] for k in keys], v["first_round_accepted_mean"]] for name, v in s.items()]
+    out += [table(["strategy", *keys, "round-1 accepted"], rows), ""]
+    out += ["## Round-1 accepted-length histogram (samples)", ""]
+    out += [_curve_table(s, "accepted_length_hist", "accepted", counts=True), ""]
+    out += ["## Round-1 acceptance by position", ""]
+    out += [_curve_table(s, "position_acceptance", "position"), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def render_offline(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    """`report.md` of an offline run: alignment metrics on a cache split."""
+    ckpt = report.get("checkpoint", {})
+    out = [
+        "# Offline evaluation",
+        "",
+        f"Checkpoint `{ckpt.get('path')}` (adapter {ckpt.get('adapter')}) on cache "
+        f"`{report['cache_dir']}`, split {report['split']}: {report['n_samples']} samples.",
+    ]
+    out += [f"> {w}" for w in report.get("warnings", [])]
+    trained = report.get("trained_metrics") or {}
+    rows = [[k, v, trained.get(f"val/{k}")] for k, v in report["metrics"].items()]
+    out += ["", "## Alignment metrics", "", table(["metric", "value", "at export (val)"], rows, 4)]
+    curves = report.get("curves", {})
+    if curves:
+        hist = curves["accepted_length_hist"]
+        acc = curves["position_acceptance"]
+        out += ["", "## First-round accepted length (samples)", ""]
+        out += [_curve_table({"offline": {"h": hist}}, "h", "accepted", counts=True)]
+        out += ["", "## First-round acceptance by position", ""]
+        out += [_curve_table({"offline": {"p": acc}}, "p", "position")]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,140 @@
+"""Evaluation outputs: report files and plots in the run directory, the same to the loggers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cross_modal_sd.analysis.plots import e2e_plots, offline_plots
+from cross_modal_sd.analysis.report import render_e2e, render_offline
+from cross_modal_sd.training.callbacks import instantiate_group
+from cross_modal_sd.training.export import json_safe
+
+
+def write_outputs(
+    report: dict[str, Any], records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike
+) -> list[Path]:
+    """``report.json``, ``report.md``, ``samples.jsonl`` and the plots into `out_dir`.
+
+    Returns:
+        The plot paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if report["mode"] == "e2e":
+        plots = e2e_plots(report, records, out)
+        markdown = render_e2e(report, plots)
+    else:
+        plots = offline_plots(report["curves"], out)
+        markdown = render_offline(report, plots)
+    report["plots"] = plots
+    (out / "report.json").write_text(
+        json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
+    )
+    (out / "report.md").write_text(markdown)
+    with open(out / "samples.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    return [out / p for p in plots]
+
+
+def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The report's scalars as ``eval/...`` keys (``eval/<strategy>/<name>`` per strategy)."""
+    out: dict[str, float] = {"eval/n_samples": report["n_samples"]}
+    if report["mode"] == "offline":
+        out |= {f"eval/{k}": v for k, v in report["metrics"].items()}
+        return {k: v for k, v in out.items() if v is not None}
+    out["eval/lossless_rate"] = report["lossless_rate"]
+    for k in ("target_prefill_share", "draft_prefill_ratio", "draft_token_ratio"):
+        out[f"eval/cost/{k}"] = report["cost_ratios"][k]
+    for name, s in report["strategies"].items():
+        for key, value in s.items():
+            if key == "speedup":
+                for how, v in value.items():
+                    out[f"eval/{name}/speedup_{how}"] = v
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"eval/{name}/{key}"] = value
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def make_loggers(logger_cfg: Mapping[str, Any] | None) -> list[Any]:
+    """Loggers of the ``logger`` group; a W&B run is tagged ``job_type=evaluate``."""
+    node = (
+        OmegaConf.to_container(logger_cfg, resolve=True)
+        if isinstance(logger_cfg, DictConfig)
+        else dict(logger_cfg or {})
+    )
+    for entry in node.values():
+        if isinstance(entry, dict) and str(entry.get("_target_", "")).endswith("WandbLogger"):
+            entry["job_type"] = "evaluate"
+    return list(instantiate_group(node).values())
+
+
+def report_tables(
+    report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """The W&B tables of a report: key -> (columns, rows).
+
+    E2E: ``eval/strategies`` (one row per strategy) and ``eval/samples`` (per sample: answer,
+    each method's ms and whether it equals the baseline). Offline: ``eval/samples``.
+    """
+    if report["mode"] != "e2e":
+        cols = list(records[0]) if records else ["sample_id"]
+        return {"eval/samples": (cols, [[r[c] for c in cols] for r in records])}
+    keys = ("method", "total_ms", "slower_share", "tau", "accept_rate", "lossless_rate")
+    strategies = report["strategies"]
+    table = [
+        [
+            name,
+            *[s[k] for k in keys],
+            s["speedup"]["ratio_of_means"],
+            s["speedup"]["mean_of_ratios"],
+        ]
+        for name, s in strategies.items()
+    ]
+    cols = ["strategy", *keys, "speedup_ratio_of_means", "speedup_mean_of_ratios"]
+    names = list(strategies)[1:]  # all but the baseline
+    samples = [
+        [
+            r["sample_id"],
+            r["answer"],
+            r["baseline"]["total_ms"],
+            *[r["strategies"][n]["total_ms"] for n in names],
+            *[r["strategies"][n]["lossless"] for n in names],
+        ]
+        for r in records
+    ]
+    sample_cols = [
+        "sample_id",
+        "answer",
+        "baseline_ms",
+        *[f"{n}_ms" for n in names],
+        *[f"{n}_lossless" for n in names],
+    ]
+    return {"eval/strategies": (cols, table), "eval/samples": (sample_cols, samples)}
+
+
+def log_report(
+    loggers: Sequence[Any],
+    report: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    plots: Sequence[Path],
+) -> None:
+    """Scalars to every logger; tables and images to W&B loggers (all at step 0)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    scalars = scalar_metrics(report)
+    for logger in loggers:
+        logger.log_metrics(scalars, step=0)
+        if not isinstance(logger, WandbLogger):
+            logger.save()
+            continue
+        for key, (cols, rows) in report_tables(report, records).items():
+            logger.log_table(key, columns=cols, data=rows, step=0)
+        for path in plots:
+            logger.log_image(f"eval/{path.stem}", images=[str(path)], step=0)

@@ -1,0 +1,420 @@
+"""`evaluate`: lossless E2E runs on tiny random models through `run_e2e`, bad input (missing or
+incompatible checkpoints, max_new_tokens=1, answers ending at the first token, samples without
+events), offline metrics equal to the functional definitions, and the written outputs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cross_modal_sd.adapters import build_adapter, save_adapter
+from cross_modal_sd.data.cache_format import CacheWriter, HiddenPairCache
+from cross_modal_sd.data.dataset import collate_pairs
+from cross_modal_sd.decoding import GreedySpec, TargetInputs, hf_greedy, thread_budget
+from cross_modal_sd.evaluation import (
+    CheckpointError,
+    evaluate,
+    find_export,
+    load_export,
+    offline_metrics,
+    parse_strategies,
+    report_tables,
+    run_e2e,
+    run_offline,
+    write_outputs,
+)
+from cross_modal_sd.extract import PairModels, PairSample
+from cross_modal_sd.metrics import cos_sim_stats, draft_tokens, token_accept_len, token_match
+from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
+from cross_modal_sd.models.preprocess import frames_to_pixels
+from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
+from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder
+from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MAX_NEW = 10
+N_SAMPLES = 20
+QUESTIONS = (
+    "what colour is the car ?",
+    "which way is the truck moving ?",
+    "is it day or night ?",
+    "describe the scene .",
+)
+ALL_STRATEGIES = [
+    "sd_fixed_draft_model",
+    "sd_confidence_draft_model",
+    "sd_fixed_autoregressive",
+    "sd_confidence_autoregressive",
+    "prompt_lookup",
+    "assisted",
+]
+
+
+def _liven(model) -> None:
+    """Re-draw the text decoder so greedy answers vary with the input (the default init repeats
+    one token); small attention outputs keep answers driven by recent tokens, so a draft with the
+    same decoder agrees often but not always."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
+                p.normal_(0.0, 0.003 if "o_proj" in name else 0.1)
+
+
+def _boost_eos(model, token: int, eos: int) -> None:
+    """EOS's lm_head row becomes 1.02x `token`'s: EOS wins wherever `token` would."""
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 1.02 * model.lm_head.weight[token]
+
+
+def _sample(tok, i: int, n_video: int, blank_events: bool = False) -> PairSample:
+    g = torch.Generator().manual_seed(100 + i)
+    q = QUESTIONS[i % len(QUESTIONS)]
+    frames = torch.randn(1, 8, 3, 32, 32, generator=g)
+    # Blank canvases (white, as an empty event stream renders) leave the frames unchanged.
+    events = (
+        torch.ones(1, 2, 3, 32, 32) if blank_events else torch.rand(1, 2, 3, 32, 32, generator=g)
+    )
+    return PairSample(
+        sample_id=f"s{i}",
+        group=f"scene{i // 4}",
+        question_id=f"q{i % 4}",
+        target_ids=torch.tensor([encode_target_prompt(tok, q, n_video)]),
+        frames=frames,
+        draft_ids=torch.tensor([encode_draft_prompt(tok, q)]),
+        event_pixels=frames_to_pixels(events),
+        reference="a reference answer",
+    )
+
+
+class TinyWorld:
+    """A tiny random pair behind `PairModels`, samples, and an L1 export that fits it."""
+
+    def __init__(self, root: Path):
+        torch.manual_seed(0)
+        tok = build_tokenizer()
+        limit = text_vocab_limit(tok)
+        n_video = 8 * TowerSize().tokens(32)
+        target = build_target(tok, TowerSize(), DecoderSize(layers=2), 32, 8).eval()
+        _liven(target)
+        self.samples = [_sample(tok, i, n_video) for i in range(N_SAMPLES)]
+        spec = GreedySpec(MAX_NEW, limit, tok.eos_token_id)
+
+        def answers():
+            return [
+                hf_greedy(target, TargetInputs(s.target_ids, s.frames), spec, warmup=0).tokens
+                for s in self.samples
+            ]
+
+        # EOS takes over a token seen mid-answer in about a quarter of the samples, so answers
+        # end at EOS or at the cap.
+        before = answers()
+        seen = Counter(t for a in before for t in set(a[2 : MAX_NEW - 2]))
+        token = min(seen, key=lambda t: (abs(seen[t] - N_SAMPLES // 4), t))
+        _boost_eos(target, token, tok.eos_token_id)
+        self.answers = answers()
+        draft = build_draft(tok, TowerSize(), DecoderSize(layers=2), 32, 2).eval()
+        # The draft decoder copies the target's, so the drafter's proposals are often right.
+        draft.language_model.model.load_state_dict(target.model.language_model.state_dict())
+        self.pair = PairModels(
+            target=TargetDecoder(target, limit),
+            draft=DraftDecoder(draft, limit),
+            tokenizer=tok,
+            target_id="tiny/target",
+            draft_id="tiny/draft",
+            n_video_tokens=n_video,
+            max_new_tokens=MAX_NEW,
+        )
+        self.tok = tok
+        self.ckpt = root / "run-a" / "best_model.pt"
+        self.ckpt.parent.mkdir(parents=True)
+        adapter = build_adapter("L1", 128, 128)
+        save_adapter(
+            adapter,
+            self.ckpt,
+            dims={"draft_dim": 128, "target_dim": 128},
+            run_name="run-a",
+            cache_manifest_digest="0" * 64,
+        )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    # One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes tiny ops ~20x slower.
+    with thread_budget(1):
+        yield TinyWorld(tmp_path_factory.mktemp("exports"))
+
+
+def _cfg(logger: str = "logger=none", **overrides):
+    """The real conf/evaluate.yaml, composed without Hydra's run directory (and W&B)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "evaluate", overrides=[logger, "output_dir=unused", "warmup=0", "cost_probe=false"]
+        )
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def test_world_covers_eos_and_cap(world):
+    eos = world.tok.eos_token_id
+    assert any(1 < len(a) < MAX_NEW and a[-1] == eos for a in world.answers)
+    assert any(len(a) == MAX_NEW and eos not in a for a in world.answers)
+
+
+def test_every_sd_configuration_is_lossless_on_every_sample(world):
+    cfg = _cfg(strategies=ALL_STRATEGIES, warmup=1, cost_probe=True)
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg)
+    assert report["n_samples"] == N_SAMPLES
+    assert report["lossless_rate"] == 1.0 and report["lossless"] is True
+    assert [r["baseline"]["tokens"] for r in records] == world.answers
+    names = list(report["strategies"])
+    assert names == ["baseline", *ALL_STRATEGIES]
+    for name in names:
+        assert report["strategies"][name]["lossless_rate"] == 1.0, name
+        assert report["strategies"][name]["flag"] is None
+    sd = report["strategies"]["sd_fixed_draft_model"]
+    # The drafter really drafted and the target really accepted some of it.
+    assert sd["drafted_mean"] > 0 and 0 < sd["accept_rate"] <= 1
+    assert sd["tau"] > 1.0
+    assert sum(sd["accepted_length_hist"]) == N_SAMPLES
+    # Round 1 overlapped the target prefill with the draft's work (two threads, measured).
+    assert sd["overlap_ms"] > 0
+    costs = report["cost_ratios"]
+    assert costs["n_samples"] == N_SAMPLES
+    assert 0 < costs["target_prefill_share"] < 1
+    assert costs["draft_prefill_ratio"] > 0 and costs["draft_token_ratio"] > 0
+    assert report["config"]["strategies"]["sd_fixed_draft_model"] == "sd/fixed-prefill/draft_model"
+
+
+def test_max_new_tokens_one_gives_one_token_and_no_drafts(world):
+    cfg = _cfg(strategies=["sd_fixed", "prompt_lookup"], max_new_tokens=1)
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples[:3], cfg)
+    assert report["lossless_rate"] == 1.0
+    sd = report["strategies"]["sd_fixed_draft_model"]
+    assert sd["tokens"] == 1.0 and sd["drafted_mean"] == 0.0
+    assert sd["accept_rate"] is None  # nothing drafted: no rate, not a rate of 0
+    assert sd["speedup"]["ratio_of_means"] > 0
+    assert all(len(r["baseline"]["tokens"]) == 1 for r in records)
+    assert any("max_new_tokens=1" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5])
+def test_bad_max_new_tokens_is_rejected(world, bad):
+    with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 1 .*got {bad}"):
+        run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], _cfg(max_new_tokens=bad))
+
+
+def test_answer_ending_at_the_first_token(world):
+    # A copy of the target whose EOS takes over sample 0's first token: that answer is [EOS].
+    target = copy.deepcopy(world.pair.target.model)
+    _boost_eos(target, world.answers[0][0], world.tok.eos_token_id)
+    pair = dataclasses.replace(
+        world.pair, target=TargetDecoder(target, world.pair.target.vocab_limit)
+    )
+    cfg = _cfg(strategies=["sd_fixed", "sd_confidence_autoregressive", "assisted"])
+    report, records = run_e2e(pair, load_export(world.ckpt), world.samples[:1], cfg)
+    assert records[0]["baseline"]["tokens"] == [world.tok.eos_token_id]
+    assert report["lossless_rate"] == 1.0
+    assert report["strategies"]["assisted"]["lossless_rate"] == 1.0
+    for name in ("sd_fixed_draft_model", "sd_confidence_autoregressive"):
+        run = records[0]["strategies"][name]
+        assert run["tokens"] == [world.tok.eos_token_id] and run["stop"] == "eos"
+
+
+def test_sample_without_events_is_decoded_correctly_and_reported(world):
+    blank = _sample(world.tok, 3, world.pair.n_video_tokens, blank_events=True)
+    cfg = _cfg(strategies=["sd_fixed", "sd_confidence"])
+    report, records = run_e2e(world.pair, load_export(world.ckpt), [world.samples[0], blank], cfg)
+    assert [r["events_blank"] for r in records] == [False, True]
+    assert records[1]["baseline"]["tokens"] == world.answers[3]
+    assert report["lossless_rate"] == 1.0
+    assert report["config"]["events_blank_samples"] == 1
+    assert any("1 of 2 samples have no events" in w for w in report["warnings"])
+
+
+def test_dims_mismatch_fails_before_decoding(world, tmp_path):
+    path = tmp_path / "best_model.pt"
+    save_adapter(build_adapter("L1", 64, 128), path, dims={"draft_dim": 64, "target_dim": 128})
+    with pytest.raises(
+        CheckpointError,
+        match=r"draft_dim=64, target_dim=128, but the loaded models have draft hidden size 128 "
+        r"\(tiny/draft\) and target hidden size 128 \(tiny/target\)",
+    ):
+        run_e2e(world.pair, load_export(path), world.samples[:1], _cfg())
+
+
+def test_other_models_are_detected_through_the_training_cache(world, tmp_path):
+    cache = _write_cache(tmp_path / "cache", dims=(128, 128), target_model="other/target")
+    digest = HiddenPairCache(cache).digest
+    path = tmp_path / "best_model.pt"
+    save_adapter(build_adapter("L1", 128, 128), path, cache_manifest_digest=digest)
+    with pytest.raises(
+        CheckpointError, match="trained with target model 'other/target', but the loaded target "
+    ):
+        run_e2e(world.pair, load_export(path), world.samples[:1], _cfg(), cache_dir=cache)
+
+
+def test_unknown_strategy_lists_the_accepted_forms():
+    with pytest.raises(
+        ValueError, match=r"unknown strategy 'sd_greedy'.*\('fixed', 'confidence'\)"
+    ):
+        parse_strategies(["sd_greedy"], _cfg().decoding, 5, 2)
+    names = [
+        s.name
+        for s in parse_strategies(["sd_fixed", "sd_fixed_draft_model"], _cfg().decoding, 5, 2)
+    ]
+    assert names == ["sd_fixed_draft_model"]  # the decoding group's phase, de-duplicated
+
+
+def test_missing_checkpoint_messages(tmp_path):
+    with pytest.raises(CheckpointError, match=r"ckpt=.*nope\.pt: no such file"):
+        evaluate(_cfg(ckpt=str(tmp_path / "nope.pt"), output_dir=str(tmp_path / "out")))
+    with pytest.raises(CheckpointError, match=r"no exported adapter named 'L1' .*\(found: none\)"):
+        evaluate(_cfg(checkpoints_dir=str(tmp_path), output_dir=str(tmp_path / "out")))
+    other = tmp_path / "run-l2" / "best_model.pt"
+    other.parent.mkdir()
+    save_adapter(build_adapter("L2", 8, 8), other)
+    with pytest.raises(CheckpointError, match=r"found: .*run-l2/best_model\.pt \(L2\)"):
+        find_export(tmp_path, "L1")
+    assert find_export(tmp_path, "L2") == other
+
+
+def test_newest_matching_export_is_chosen(tmp_path):
+    import os
+
+    paths = []
+    for i, name in enumerate(("L1", "L1", "L2")):
+        p = tmp_path / f"run{i}" / "best_model.pt"
+        p.parent.mkdir()
+        save_adapter(build_adapter(name, 8, 8), p)
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    assert find_export(tmp_path, "L1") == paths[1]
+
+
+def test_evaluate_writes_reports_plots_and_samples(world, tmp_path, monkeypatch):
+    import cross_modal_sd.evaluation.run as run_module
+
+    monkeypatch.setattr(run_module, "load_pair", lambda _cfg: world.pair)
+    monkeypatch.setattr(run_module, "mini_samples", lambda *a, **k: iter(world.samples[:3]))
+    out = tmp_path / "run"
+    cfg = _cfg(
+        ckpt=str(world.ckpt),
+        output_dir=str(out),
+        strategies=["sd_fixed", "prompt_lookup"],
+        cost_probe=True,
+        logger="logger=csv",
+    )
+    report = evaluate(cfg)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["n_samples"] == 3 and on_disk["lossless_rate"] == 1.0
+    assert on_disk["checkpoint"]["path"] == str(world.ckpt)
+    assert report["plots"] == on_disk["plots"]
+    for name in on_disk["plots"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert len(on_disk["plots"]) == 4
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["sample_id"] for line in lines] == ["s0", "s1", "s2"]
+    md = (out / "report.md").read_text()
+    assert "## Speedup over the target's greedy `generate`" in md
+    assert "| sd_fixed_draft_model | sd/fixed-prefill/draft_model |" in md
+    columns, rows = report_tables(report, [json.loads(line) for line in lines])["eval/samples"]
+    assert columns == [
+        "sample_id",
+        "answer",
+        "baseline_ms",
+        "sd_fixed_draft_model_ms",
+        "prompt_lookup_ms",
+        "sd_fixed_draft_model_lossless",
+        "prompt_lookup_lossless",
+    ]
+    assert [row[-2:] for row in rows] == [[True, True]] * 3
+    logged = (out / "csv" / "metrics.csv").read_text()
+    assert "eval/sd_fixed_draft_model/speedup_ratio_of_means" in logged
+
+
+# ------------------------------------------------------------------------------------ offline
+
+
+def _write_cache(root: Path, dims=(8, 6), target_model="tiny/target", n=7, vocab=11) -> Path:
+    g = torch.Generator().manual_seed(0)
+    meta = {
+        "pairing": "teacher_forced",
+        "draft_model": "tiny/draft",
+        "target_model": target_model,
+        "draft_prompt_template": "{question}",
+        "target_prompt_template": "{question}",
+        "draft_dim": dims[0],
+        "target_dim": dims[1],
+        "dtype": "float32",
+        "max_new_tokens": 6,
+        "vocab_limit": vocab - 1,
+    }
+    with CacheWriter(root, meta, shard_samples=3) as writer:
+        writer.set_lm_head(torch.randn(vocab, dims[1], generator=g))
+        for i in range(n):
+            length = 1 + i % 6
+            writer.add(
+                f"s{i}",
+                f"g{i % 4}",
+                "q",
+                torch.randn(length, dims[0], generator=g),
+                torch.randn(length, dims[1], generator=g),
+                torch.randint(0, vocab - 1, (length,), generator=g),
+            )
+    return root
+
+
+def test_offline_metrics_equal_the_functional_definitions(tmp_path):
+    root = _write_cache(tmp_path / "cache")
+    cache = HiddenPairCache(root)
+    torch.manual_seed(0)
+    adapter = build_adapter("L2", 8, 6).eval()
+    with torch.no_grad():  # leave the zero init, so the adapter is not just a LayerNorm
+        for p in adapter.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    lm_head = cache.lm_head_weight()
+    result, rows = offline_metrics(adapter, cache, [0, 2, 3, 5, 6], lm_head, 10, batch_size=2)
+    batch = collate_pairs([cache[i] for i in (0, 2, 3, 5, 6)])
+    with torch.no_grad():
+        pred = adapter(batch["h_draft"], batch["mask"])
+    mask, tokens = batch["mask"], batch["tokens"]
+    pred_tokens = draft_tokens(pred, lm_head, 10)
+    cos_mean, cos_std = cos_sim_stats(pred, batch["h_target"], mask)
+    m = result["metrics"]
+    assert m["cos_sim"] == pytest.approx(cos_mean, abs=1e-6)
+    assert m["cos_sim_std"] == pytest.approx(cos_std, abs=1e-6)
+    assert m["token_match"] == pytest.approx(token_match(pred_tokens, tokens, mask))
+    assert m["token_accept_len"] == pytest.approx(token_accept_len(pred_tokens, tokens, mask))
+    assert sum(result["curves"]["accepted_length_hist"]) == 5
+    assert [r["sample_id"] for r in rows] == ["s0", "s2", "s3", "s5", "s6"]
+    assert [r["length"] for r in rows] == [1, 3, 4, 6, 1]
+
+
+def test_run_offline_split_all_and_val_and_dims_mismatch(tmp_path):
+    root = _write_cache(tmp_path / "cache")
+    path = tmp_path / "best_model.pt"
+    save_adapter(build_adapter("L1", 8, 6), path, cache_manifest_digest="f" * 64)
+    export = load_export(path)
+    cfg = _cfg(**{"data.cache_dir": str(root), "offline.split": "all", "offline.batch_size": 3})
+    report, rows = run_offline(export, cfg)
+    assert report["n_samples"] == 7 and len(rows) == 7
+    assert any("trained on another cache" in w for w in report["warnings"])
+    val, _ = run_offline(export, _cfg(**{"data.cache_dir": str(root), "data.val_fraction": 0.25}))
+    assert val["split"] == "val" and val["n_samples"] == 2  # one of the four groups
+    out = tmp_path / "out"
+    write_outputs(report, rows, out)
+    assert "| token_accept_len |" in (out / "report.md").read_text()
+    save_adapter(build_adapter("L1", 8, 5), path)
+    with pytest.raises(CheckpointError, match=r"\(draft_dim=8, target_dim=5\) but the cache"):
+        run_offline(load_export(path), cfg)
+    with pytest.raises(FileNotFoundError, match="no hidden-pair cache there"):
+        run_offline(export, _cfg(**{"data.cache_dir": str(tmp_path / "none")}))
