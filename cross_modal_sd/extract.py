@@ -97,12 +97,16 @@ def mini_samples(pair: PairModels, split: str, start: int, n_scenes: int) -> Ite
 
     tok = pair.tokenizer
     c = pair.world.config
-    for s in iter_samples(c.seed, split, n_scenes, c.image_size, c.n_frames, c.event_frames, start=start):
+    for s in iter_samples(
+        c.seed, split, n_scenes, c.image_size, c.n_frames, c.event_frames, start=start
+    ):
         yield PairSample(
             sample_id=s.sample_id,
             group=s.scene.scene_id,
             question_id=s.qa.qtype,
-            target_ids=torch.tensor([encode_target_prompt(tok, s.qa.question, pair.n_video_tokens)]),
+            target_ids=torch.tensor(
+                [encode_target_prompt(tok, s.qa.question, pair.n_video_tokens)]
+            ),
             frames=s.frames[None],
             draft_ids=torch.tensor([encode_draft_prompt(tok, s.qa.question)]),
             event_pixels=s.event_pixels[None],
@@ -115,15 +119,25 @@ def target_answer(pair: PairModels, sample: PairSample, max_new_tokens: int) -> 
     """The target's greedy answer (EOS included when reached), one sample at a time."""
     model = pair.target.model
     tok = pair.tokenizer
-    kw = greedy_kwargs(pair.target.vocab_limit, model.config.text_config.vocab_size, max_new_tokens,
-                       tok.eos_token_id, tok.pad_token_id)
-    out = model.generate(input_ids=sample.target_ids.to(model.device),
-                         pixel_values_videos=sample.frames.to(model.device, model.dtype), **kw)
+    kw = greedy_kwargs(
+        pair.target.vocab_limit,
+        model.config.text_config.vocab_size,
+        max_new_tokens,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
+    out = model.generate(
+        input_ids=sample.target_ids.to(model.device),
+        pixel_values_videos=sample.frames.to(model.device, model.dtype),
+        **kw,
+    )
     return out[0, sample.target_ids.shape[1] :].tolist()
 
 
 @torch.inference_mode()
-def teacher_forced_states(pair: PairModels, sample: PairSample, answer: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced_states(
+    pair: PairModels, sample: PairSample, answer: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-layer states of both models at the |y| positions that predict y: (|y|, D) each."""
     n = len(answer)
     fed = torch.tensor([answer[:-1]], dtype=torch.long)  # (1, n - 1)
@@ -168,12 +182,24 @@ def extract(cfg: DictConfig) -> dict:
         for sample in tqdm(todo, desc=f"extract {cfg.split}", unit="sample", dynamic_ncols=True):
             answer = target_answer(pair, sample, max_new)
             h_d, h_t = teacher_forced_states(pair, sample, answer)
-            writer.add(sample.sample_id, sample.group, sample.question_id, h_d, h_t,
-                       torch.tensor(answer), extra={"reference": sample.reference})
+            writer.add(
+                sample.sample_id,
+                sample.group,
+                sample.question_id,
+                h_d,
+                h_t,
+                torch.tensor(answer),
+                extra={"reference": sample.reference},
+            )
             written += 1
     seconds = time.perf_counter() - t0
-    return {"out_dir": str(out), "samples": len(samples), "written": written,
-            "resumed": len(samples) - len(todo), "seconds": round(seconds, 1)}
+    return {
+        "out_dir": str(out),
+        "samples": len(samples),
+        "written": written,
+        "resumed": len(samples) - len(todo),
+        "seconds": round(seconds, 1),
+    }
 
 
 def ensure_cache(cfg: DictConfig) -> Path:
@@ -183,10 +209,12 @@ def ensure_cache(cfg: DictConfig) -> Path:
     model load and sample listing.
     """
     out = Path(cfg.data.cache_dir)
-    extract(OmegaConf.merge(
-        OmegaConf.create({"dtype": "float32", "shard_samples": 256, "max_new_tokens": None}),
-        {"models": cfg.models, "data": cfg.data, "out_dir": str(out), "split": cfg.data.split},
-    ))
+    extract(
+        OmegaConf.merge(
+            OmegaConf.create({"dtype": "float32", "shard_samples": 256, "max_new_tokens": None}),
+            {"models": cfg.models, "data": cfg.data, "out_dir": str(out), "split": cfg.data.split},
+        )
+    )
     return out
 
 

@@ -10,15 +10,17 @@ from cross_modal_sd.extract import extract, load_pair, mini_samples
 
 
 def _cfg(models, out, n_scenes=3):
-    return OmegaConf.create({
-        "models": models,
-        "data": {"split": "train", "start": 500, "n_scenes": n_scenes},
-        "split": "train",
-        "out_dir": str(out),
-        "dtype": "float32",
-        "shard_samples": 8,
-        "max_new_tokens": None,
-    })
+    return OmegaConf.create(
+        {
+            "models": models,
+            "data": {"split": "train", "start": 500, "n_scenes": n_scenes},
+            "split": "train",
+            "out_dir": str(out),
+            "dtype": "float32",
+            "shard_samples": 8,
+            "max_new_tokens": None,
+        }
+    )
 
 
 def test_extraction_is_teacher_forced_and_resumes(small_world_cfg, tmp_path):

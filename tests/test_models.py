@@ -11,7 +11,11 @@ from transformers import VideoLlavaForConditionalGeneration
 from cross_modal_sd.models.eventgpt import PREFIX_MAP, save_eventgpt
 from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_videollava
 from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
-from cross_modal_sd.models.prompts import EVENT_PLACEHOLDER_ID, encode_draft_prompt, encode_target_prompt
+from cross_modal_sd.models.prompts import (
+    EVENT_PLACEHOLDER_ID,
+    encode_draft_prompt,
+    encode_target_prompt,
+)
 from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder, crop_cache
 from cross_modal_sd.world.build import verify_build
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
@@ -45,8 +49,12 @@ def test_eventgpt_logits_equal_an_independent_reference(tok, draft):
         got = draft(ids, ev).logits
         # Reference: CLIP last hidden state per image -> projector -> adaptor -> pooling -> Llama.
         enc = draft.encoder
-        feats = torch.stack([enc.visual_tower(pixel_values=ev[:, t]).last_hidden_state for t in range(2)], 1)
-        feats = enc.feature_adaptor(enc.visual_projector[2](torch.nn.functional.gelu(enc.visual_projector[0](feats))))
+        feats = torch.stack(
+            [enc.visual_tower(pixel_values=ev[:, t]).last_hidden_state for t in range(2)], 1
+        )
+        feats = enc.feature_adaptor(
+            enc.visual_projector[2](torch.nn.functional.gelu(enc.visual_projector[0](feats)))
+        )
         pooled = torch.cat([feats.mean(2), feats.mean(1)], 1)  # (1, 2 + 17, D)
         p = ids[0].tolist().index(EVENT_PLACEHOLDER_ID)
         emb = draft.language_model.get_input_embeddings()
@@ -64,8 +72,15 @@ def test_eventgpt_save_load_round_trip_in_original_layout(tok, draft, tmp_path):
 
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
-    for prefix in ("model.visual_tower.visual_tower.", "model.visual_projector.0.", "model.visual_projector.2.",
-                   "model.feature_adaptor.", "model.embed_tokens.", "model.layers.0.", "lm_head."):
+    for prefix in (
+        "model.visual_tower.visual_tower.",
+        "model.visual_projector.0.",
+        "model.visual_projector.2.",
+        "model.feature_adaptor.",
+        "model.embed_tokens.",
+        "model.layers.0.",
+        "lm_head.",
+    ):
         assert any(k.startswith(prefix) for k in keys), prefix
     loaded = load_eventgpt(tmp_path)
     ids, ev = _draft_inputs(tok)
@@ -117,7 +132,9 @@ def test_decoder_masks_non_text_ids_and_crop_then_continue_matches_recompute(tok
     ids = torch.tensor([encode_target_prompt(tok, "describe the scene .", 136)])
     frames = torch.randn(1, 8, 3, 32, 32)
     out = dec.prefill(ids, frames)
-    assert torch.isinf(out.logits[..., limit:]).all() and torch.isfinite(out.logits[..., :limit]).all()
+    assert (
+        torch.isinf(out.logits[..., limit:]).all() and torch.isfinite(out.logits[..., :limit]).all()
+    )
     extra = torch.tensor([[5, 6, 7]])
     dec.forward_tokens(extra, out.cache)
     crop_cache(out.cache, ids.shape[1] + 1)

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from cross_modal_sd.data.events import EventStream, EventStreamError, event_images, render_event_image
-from cross_modal_sd.models.prompts import EVENT_PLACEHOLDER_ID, encode_draft_prompt, encode_target_prompt
+from cross_modal_sd.data.events import (
+    EventStream,
+    EventStreamError,
+    event_images,
+    render_event_image,
+)
+from cross_modal_sd.models.prompts import (
+    EVENT_PLACEHOLDER_ID,
+    encode_draft_prompt,
+    encode_target_prompt,
+)
 from cross_modal_sd.world.dataset import iter_samples, render_scene
 from cross_modal_sd.world.event_sim import simulate_events
 from cross_modal_sd.world.qa import EVENT_VISIBLE, RGB_ONLY, questions
@@ -44,7 +53,9 @@ def test_events_do_not_see_colour_that_rgb_sees():
 
 
 def test_render_event_image_latest_event_wins_on_white():
-    ev = EventStream(x=np.array([1, 1, 2]), y=np.array([0, 0, 1]), t=np.array([0, 5, 6]), p=np.array([1, 0, 1]))
+    ev = EventStream(
+        x=np.array([1, 1, 2]), y=np.array([0, 0, 1]), t=np.array([0, 5, 6]), p=np.array([1, 0, 1])
+    )
     img = render_event_image(ev, (2, 3))
     assert img[0, 1].tolist() == [0, 0, 255]  # negative came last: blue
     assert img[1, 2].tolist() == [255, 0, 0]  # positive: red
@@ -89,14 +100,20 @@ def test_scenes_are_deterministic_and_splits_disjoint():
     c = render_scene(0, "val", 5, 32, 8, 2)
     assert a.scene == b.scene and torch.equal(a.frames, b.frames)
     assert a.scene.scene_id != c.scene.scene_id
-    assert [q.question_id for q in questions(a.scene)] == [q.question_id for q in questions(b.scene)]
+    assert [q.question_id for q in questions(a.scene)] == [
+        q.question_id for q in questions(b.scene)
+    ]
 
 
 def test_tokenizer_layout_and_prompts():
     tok = build_tokenizer()
     limit = text_vocab_limit(tok)
     assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
-    assert tok.convert_tokens_to_ids(["<image>", "<video>", "<pad>"]) == [limit, limit + 1, limit + 2]
+    assert tok.convert_tokens_to_ids(["<image>", "<video>", "<pad>"]) == [
+        limit,
+        limit + 1,
+        limit + 2,
+    ]
     ids = encode_target_prompt(tok, "what colour is the car ?", 136)
     assert ids.count(tok.convert_tokens_to_ids("<video>")) == 136
     d = encode_draft_prompt(tok, "what colour is the car ?")

@@ -55,11 +55,21 @@ def test_greedy_outputs_are_reproducible_across_loads(small_world_cfg):
         pair = load_pair(small_world_cfg)
         tok = pair.tokenizer
         samples = list(mini_samples(pair, "test", 0, 2))
-        kw = greedy_kwargs(pair.target.vocab_limit, len(tok), 12, tok.eos_token_id, tok.pad_token_id)
-        t = generate_target(pair.target.model, [s.target_ids[0].tolist() for s in samples],
-                            torch.cat([s.frames for s in samples]), kw)
-        d = generate_draft(pair.draft.model, [s.draft_ids[0].tolist() for s in samples],
-                           torch.cat([s.event_pixels for s in samples]), kw)
+        kw = greedy_kwargs(
+            pair.target.vocab_limit, len(tok), 12, tok.eos_token_id, tok.pad_token_id
+        )
+        t = generate_target(
+            pair.target.model,
+            [s.target_ids[0].tolist() for s in samples],
+            torch.cat([s.frames for s in samples]),
+            kw,
+        )
+        d = generate_draft(
+            pair.draft.model,
+            [s.draft_ids[0].tolist() for s in samples],
+            torch.cat([s.event_pixels for s in samples]),
+            kw,
+        )
         outs.append((t, d))
     assert outs[0] == outs[1]
 

@@ -11,7 +11,9 @@ import torch
 from cross_modal_sd.models.eventgpt import EventGPT
 
 
-def greedy_kwargs(vocab_limit: int | None, vocab_size: int, max_new_tokens: int, eos_id: int, pad_id: int) -> dict:
+def greedy_kwargs(
+    vocab_limit: int | None, vocab_size: int, max_new_tokens: int, eos_id: int, pad_id: int
+) -> dict:
     """generate() arguments for plain greedy decoding with the non-text ids suppressed."""
     kw = dict(
         max_new_tokens=max_new_tokens,
@@ -47,7 +49,9 @@ def _strip(out: torch.Tensor, eos_id: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def generate_target(model, prompts: list[list[int]], frames: torch.Tensor, gen_kwargs: dict) -> list[list[int]]:
+def generate_target(
+    model, prompts: list[list[int]], frames: torch.Tensor, gen_kwargs: dict
+) -> list[list[int]]:
     """Greedy answers of Video-LLaVA for prompts (expanded video tokens) and frames (B, F, 3, H, W)."""
     ids, mask = left_pad(prompts, gen_kwargs["pad_token_id"])
     out = model.generate(
@@ -60,10 +64,14 @@ def generate_target(model, prompts: list[list[int]], frames: torch.Tensor, gen_k
 
 
 @torch.inference_mode()
-def generate_draft(model: EventGPT, prompts: list[list[int]], event_pixels: torch.Tensor, gen_kwargs: dict) -> list[list[int]]:
+def generate_draft(
+    model: EventGPT, prompts: list[list[int]], event_pixels: torch.Tensor, gen_kwargs: dict
+) -> list[list[int]]:
     """Greedy answers of EventGPT for prompts (with the event placeholder) and event images."""
     ids, mask = left_pad(prompts, gen_kwargs["pad_token_id"])
-    embeds, mask = model.embed(ids.to(model.device), event_pixels.to(model.device), mask.to(model.device))
+    embeds, mask = model.embed(
+        ids.to(model.device), event_pixels.to(model.device), mask.to(model.device)
+    )
     out = model.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
     # With only inputs_embeds, generate returns just the new tokens.
     return _strip(out.cpu(), gen_kwargs["eos_token_id"])

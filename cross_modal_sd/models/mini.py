@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+)
 
 from cross_modal_sd.models.eventgpt import EventGPT
 
@@ -69,7 +74,9 @@ def build_target(
     tokenizer, tower: TowerSize, decoder: DecoderSize, image_size: int, n_frames: int
 ) -> VideoLlavaForConditionalGeneration:
     """A randomly initialised Video-LLaVA with tiny sub-configs."""
-    text = decoder.config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text = decoder.config(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     cfg = VideoLlavaConfig(
         vision_config=tower.config(image_size).to_dict(),
         text_config=text.to_dict(),
@@ -84,8 +91,12 @@ def build_target(
     return VideoLlavaForConditionalGeneration(cfg)
 
 
-def build_draft(tokenizer, tower: TowerSize, decoder: DecoderSize, image_size: int, event_frames: int) -> EventGPT:
+def build_draft(
+    tokenizer, tower: TowerSize, decoder: DecoderSize, image_size: int, event_frames: int
+) -> EventGPT:
     """A randomly initialised EventGPT with tiny sub-configs."""
-    text = decoder.config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text = decoder.config(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     text.event_frames = event_frames
     return EventGPT(text, tower.config(image_size))

@@ -17,7 +17,9 @@ from transformers import DynamicCache, LlamaModel
 from cross_modal_sd.models.eventgpt import EventGPT
 
 # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until 5.40).
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+CACHE_KW = (
+    "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+)
 _NEGATIVE_CROP = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
 
 

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cross_modal_sd.models.eventgpt import save_eventgpt
 from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_videollava
 from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
-from cross_modal_sd.models.eventgpt import save_eventgpt
 from cross_modal_sd.world.dataset import SceneViews, render_scene
-from cross_modal_sd.world.qa import QA, questions
+from cross_modal_sd.world.qa import questions
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
 BUILD_FORMAT = 2  # bump when the build code changes what a given config produces
@@ -81,7 +81,9 @@ class MiniWorldConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown mini-world config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"unknown mini-world config keys {sorted(unknown)}; known: {sorted(known)}"
+            )
         return cls(**{k: nested[k](**v) if k in nested else v for k, v in d.items()})
 
 
@@ -116,9 +118,16 @@ class MiniWorld:
         return load_eventgpt(self.draft_dir)
 
     def scenes(self, split: str) -> list[SceneViews]:
-        n = {"train": self.config.train_scenes, "val": self.config.val_scenes, "test": self.config.test_scenes}[split]
+        n = {
+            "train": self.config.train_scenes,
+            "val": self.config.val_scenes,
+            "test": self.config.test_scenes,
+        }[split]
         c = self.config
-        return [render_scene(c.seed, split, i, c.image_size, c.n_frames, c.event_frames) for i in range(n)]
+        return [
+            render_scene(c.seed, split, i, c.image_size, c.n_frames, c.event_frames)
+            for i in range(n)
+        ]
 
 
 # Files every complete build has, relative to its root; checked (with sizes/checksums) on reuse.
@@ -154,7 +163,9 @@ def verify_build(root: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
         if path.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, expected {meta['bytes']}")
+            raise CheckpointError(
+                f"{path} has {path.stat().st_size} bytes, expected {meta['bytes']}"
+            )
         if _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"{path} does not match its checksum in {stamp}")
 
@@ -210,8 +221,16 @@ def _batch(convs, scene_ids: list[int], gen: torch.Generator, pad_id: int):
     return ids, mask, labels
 
 
-def train_vlm(model, convs, visuals: torch.Tensor, visual_kw: str, spec: TrainSpec, seed: int,
-              pad_id: int, report=None) -> list[float]:
+def train_vlm(
+    model,
+    convs,
+    visuals: torch.Tensor,
+    visual_kw: str,
+    spec: TrainSpec,
+    seed: int,
+    pad_id: int,
+    report=None,
+) -> list[float]:
     """Teacher-forced cross-entropy on answers; returns the loss per step.
 
     Args:
@@ -228,12 +247,16 @@ def train_vlm(model, convs, visuals: torch.Tensor, visual_kw: str, spec: TrainSp
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1
+    )
     losses = []
     for step in range(spec.steps):
         scene_ids = torch.randint(len(convs), (spec.batch_size,), generator=gen).tolist()
         ids, mask, labels = _batch(convs, scene_ids, gen, pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **{visual_kw: visuals[scene_ids]}).loss
+        loss = model(
+            input_ids=ids, attention_mask=mask, labels=labels, **{visual_kw: visuals[scene_ids]}
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,16 +278,38 @@ def _train_worker(kind: str, config: dict, out_dir: str, queue) -> None:
     world = MiniWorld(Path(out_dir), cfg, tok)
     scenes = world.scenes("train")
     if kind == "target":
-        model = build_target(tok, cfg.target_tower, cfg.target_decoder, cfg.image_size, cfg.n_frames)
-        convs = _conversations(scenes, lambda q: encode_target_prompt(tok, q, world.n_video_tokens), tok)
-        visuals, kw, spec = torch.stack([v.frames for v in scenes]), "pixel_values_videos", cfg.target_train
+        model = build_target(
+            tok, cfg.target_tower, cfg.target_decoder, cfg.image_size, cfg.n_frames
+        )
+        convs = _conversations(
+            scenes, lambda q: encode_target_prompt(tok, q, world.n_video_tokens), tok
+        )
+        visuals, kw, spec = (
+            torch.stack([v.frames for v in scenes]),
+            "pixel_values_videos",
+            cfg.target_train,
+        )
     else:
-        model = build_draft(tok, cfg.draft_tower, cfg.draft_decoder, cfg.image_size, cfg.event_frames)
+        model = build_draft(
+            tok, cfg.draft_tower, cfg.draft_decoder, cfg.image_size, cfg.event_frames
+        )
         convs = _conversations(scenes, lambda q: encode_draft_prompt(tok, q), tok)
-        visuals, kw, spec = torch.stack([v.event_pixels for v in scenes]), "event_pixels", cfg.draft_train
+        visuals, kw, spec = (
+            torch.stack([v.event_pixels for v in scenes]),
+            "event_pixels",
+            cfg.draft_train,
+        )
     seed = cfg.seed + (0 if kind == "target" else 1)
-    losses = train_vlm(model, convs, visuals, kw, spec, seed, tok.pad_token_id,
-                       report=lambda step, loss: queue.put((kind, step, loss)))
+    losses = train_vlm(
+        model,
+        convs,
+        visuals,
+        kw,
+        spec,
+        seed,
+        tok.pad_token_id,
+        report=lambda step, loss: queue.put((kind, step, loss)),
+    )
     if kind == "target":
         model.save_pretrained(world.target_dir, safe_serialization=True)
         tok.save_pretrained(world.target_dir)
@@ -280,17 +325,31 @@ def _train_both(config: MiniWorldConfig, out_dir: Path) -> None:
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = {
-        kind: ctx.Process(target=_train_worker, args=(kind, dataclasses.asdict(config), str(out_dir), queue))
+        kind: ctx.Process(
+            target=_train_worker, args=(kind, dataclasses.asdict(config), str(out_dir), queue)
+        )
         for kind in ("target", "draft")
     }
     for p in procs.values():
         p.start()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns) as progress:
         tasks = {
-            "target": progress.add_task("train mini target (Video-LLaVA)", total=config.target_train.steps, loss=float("nan")),
-            "draft": progress.add_task("train mini draft (EventGPT)", total=config.draft_train.steps, loss=float("nan")),
+            "target": progress.add_task(
+                "train mini target (Video-LLaVA)",
+                total=config.target_train.steps,
+                loss=float("nan"),
+            ),
+            "draft": progress.add_task(
+                "train mini draft (EventGPT)", total=config.draft_train.steps, loss=float("nan")
+            ),
         }
         done: set[str] = set()
         while len(done) < 2:
@@ -299,8 +358,10 @@ def _train_both(config: MiniWorldConfig, out_dir: Path) -> None:
             except Exception:  # queue.Empty: check that no worker died silently
                 dead = [k for k, p in procs.items() if k not in done and not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"mini-world training of {dead} exited with code "
-                                       f"{[procs[k].exitcode for k in dead]}") from None
+                    raise RuntimeError(
+                        f"mini-world training of {dead} exited with code "
+                        f"{[procs[k].exitcode for k in dead]}"
+                    ) from None
                 continue
             if step == "done":
                 done.add(kind)
@@ -321,7 +382,9 @@ def answer_accuracy(world: MiniWorld, split: str = "test", batch_size: int = 48)
 
     tok = world.tokenizer
     target, draft = world.load_target(), world.load_draft()
-    kw = greedy_kwargs(world.vocab_limit, len(tok), world.config.max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+    kw = greedy_kwargs(
+        world.vocab_limit, len(tok), world.config.max_new_tokens, tok.eos_token_id, tok.pad_token_id
+    )
     items = [(v, qa) for v in world.scenes(split) for qa in questions(v.scene)]
     hits: dict[str, dict[str, list[int]]] = {"target": {}, "draft": {}}
     for i in range(0, len(items), batch_size):
@@ -329,11 +392,17 @@ def answer_accuracy(world: MiniWorld, split: str = "test", batch_size: int = 48)
         refs = [qa.answer for _, qa in chunk]
         outs = {
             "target": generate_target(
-                target, [encode_target_prompt(tok, qa.question, world.n_video_tokens) for _, qa in chunk],
-                torch.stack([v.frames for v, _ in chunk]), kw),
+                target,
+                [encode_target_prompt(tok, qa.question, world.n_video_tokens) for _, qa in chunk],
+                torch.stack([v.frames for v, _ in chunk]),
+                kw,
+            ),
             "draft": generate_draft(
-                draft, [encode_draft_prompt(tok, qa.question) for _, qa in chunk],
-                torch.stack([v.event_pixels for v, _ in chunk]), kw),
+                draft,
+                [encode_draft_prompt(tok, qa.question) for _, qa in chunk],
+                torch.stack([v.event_pixels for v, _ in chunk]),
+                kw,
+            ),
         }
         for name, rows in outs.items():
             for (_, qa), row, ref in zip(chunk, rows, refs, strict=True):
@@ -360,8 +429,12 @@ def load_world(root: Path, config: MiniWorldConfig) -> MiniWorld:
     return MiniWorld(root, config, tok)
 
 
-def build_mini_world(config: MiniWorldConfig | None = None, root: str | Path = DEFAULT_ROOT,
-                     force: bool = False, log=print) -> MiniWorld:
+def build_mini_world(
+    config: MiniWorldConfig | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    force: bool = False,
+    log=print,
+) -> MiniWorld:
     """Returns the built world for `config`, building it when missing, incomplete or altered.
 
     Args:
@@ -405,8 +478,10 @@ def build_mini_world(config: MiniWorldConfig | None = None, root: str | Path = D
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    log(f"built in {stamp['build_seconds']} s; test exact match: target "
-        f"{accuracy['target']['exact']:.1%}, draft {accuracy['draft']['exact']:.1%}")
+    log(
+        f"built in {stamp['build_seconds']} s; test exact match: target "
+        f"{accuracy['target']['exact']:.1%}, draft {accuracy['draft']['exact']:.1%}"
+    )
     return load_world(out, config)
 
 

@@ -62,9 +62,13 @@ def render_scene(
     scene = sample_scene(f"{split}-{index:05d}", rng, size)
     frames = render_clip(scene, n_frames, size)  # (F, 3, H, W) in [0, 1]
     events = simulate_events(scene, size=size, rng=rng)
-    images = event_images(events, (size, size), event_frames, source=scene.scene_id, allow_empty=True)
+    images = event_images(
+        events, (size, size), event_frames, source=scene.scene_id, allow_empty=True
+    )
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
-    return SceneViews(scene, frames_to_pixels(torch.from_numpy(frames)), events, frames_to_pixels(images))
+    return SceneViews(
+        scene, frames_to_pixels(torch.from_numpy(frames)), events, frames_to_pixels(images)
+    )
 
 
 def iter_samples(

@@ -125,7 +125,9 @@ def render(scene: Scene, t: float, size: int = 32) -> np.ndarray:
         img[:, rows, :] = region * (1 - cover) + colour[:, None, None] * cover
         if obj.moving:
             # A lit headlight marks the front, so heading is visible in a single frame.
-            front = int(np.clip(np.floor(left + w - 1 if obj.direction == "right" else left), 0, size - 1))
+            front = int(
+                np.clip(np.floor(left + w - 1 if obj.direction == "right" else left), 0, size - 1)
+            )
             img[:, rows, front] = HEADLIGHT[:, None]
     return img
 

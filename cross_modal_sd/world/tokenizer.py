@@ -34,9 +34,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Punctuation attached to words in prompts ("assistant." "human's") splits off like the answers.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("'", "isolated"),
-         pre_tokenizers.Split(".", "isolated"), pre_tokenizers.Split(",", "isolated"),
-         pre_tokenizers.Split("?", "isolated")]
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split("'", "isolated"),
+            pre_tokenizers.Split(".", "isolated"),
+            pre_tokenizers.Split(",", "isolated"),
+            pre_tokenizers.Split("?", "isolated"),
+        ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
