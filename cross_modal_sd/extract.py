@@ -59,6 +59,7 @@ class PairModels:
     n_video_tokens: int
     max_new_tokens: int
     world: object = None  # the MiniWorld when the pair is the mini one
+    inputs: object = None  # models.real.RealInputs when the pair is the real one
 
     @property
     def eos_id(self) -> int:
@@ -67,8 +68,14 @@ class PairModels:
 
 def load_pair(models_cfg: DictConfig) -> PairModels:
     """Loads the draft/target pair named by a `conf/models/*` config."""
+    if models_cfg.kind == "eventgpt_videollava":
+        from cross_modal_sd.models.real import load_real_pair
+
+        return load_real_pair(models_cfg)
     if models_cfg.kind != "mini":
-        raise ValueError(f"unknown models.kind {models_cfg.kind!r}; known: mini")
+        raise ValueError(
+            f"unknown models.kind {models_cfg.kind!r}; known: mini, eventgpt_videollava"
+        )
     world = mini_world(models_cfg)
     tok = world.tokenizer
     return PairModels(
@@ -114,6 +121,41 @@ def mini_samples(pair: PairModels, split: str, start: int, n_scenes: int) -> Ite
         )
 
 
+def iter_samples(
+    pair: PairModels,
+    data_cfg: DictConfig,
+    split: str,
+    skip: frozenset[str] | set[str] = frozenset(),
+    start: int | None = None,
+    n: int | None = None,
+) -> Iterator[tuple[str, PairSample | None]]:
+    """(sample_id, sample) of the data source `data_cfg.source` (mini | dsec), streamed.
+
+    Samples whose id is in `skip` come out as (id, None) without being prepared. `start`/`n`
+    select scenes (mini) or clips (dsec); None takes the data config's `start`/`n_scenes`
+    (mini) or every clip of the split (dsec).
+    """
+    source = data_cfg.get("source", "mini")
+    if source == "dsec":
+        from cross_modal_sd.models.real import dsec_samples
+
+        yield from dsec_samples(pair, data_cfg, split, skip, start or 0, n)
+        return
+    if source != "mini":
+        raise ValueError(f"unknown data.source {source!r}; known: mini, dsec")
+    start = data_cfg.start if start is None else start
+    n = data_cfg.n_scenes if n is None else n
+    for sample in mini_samples(pair, split, start, n):
+        yield sample.sample_id, None if sample.sample_id in skip else sample
+
+
+def pair_samples(
+    pair: PairModels, data_cfg: DictConfig, split: str, start: int | None, n: int | None
+) -> Iterator[PairSample]:
+    """The samples of `iter_samples`, for evaluation."""
+    return (s for _, s in iter_samples(pair, data_cfg, split, start=start, n=n))
+
+
 @torch.inference_mode()
 def target_answer(pair: PairModels, sample: PairSample, max_new_tokens: int) -> list[int]:
     """The target's greedy answer (EOS included when reached), one sample at a time."""
@@ -143,8 +185,11 @@ def teacher_forced_states(
     fed = torch.tensor([answer[:-1]], dtype=torch.long)  # (1, n - 1)
     t_ids = torch.cat([sample.target_ids, fed], dim=1)
     d_ids = torch.cat([sample.draft_ids, fed], dim=1)
-    h_t = pair.target.prefill(t_ids, sample.frames, keep_last=n).hidden[0]  # (n, Dt)
-    h_d = pair.draft.prefill(d_ids, sample.event_pixels, keep_last=n).hidden[0]  # (n, Dd)
+    target, draft = pair.target.model, pair.draft.model
+    frames = sample.frames.to(target.device, target.dtype)
+    events = sample.event_pixels.to(draft.device, draft.dtype)
+    h_t = pair.target.prefill(t_ids.to(target.device), frames, keep_last=n).hidden[0]  # (n, Dt)
+    h_d = pair.draft.prefill(d_ids.to(draft.device), events, keep_last=n).hidden[0]  # (n, Dd)
     return h_d, h_t
 
 
@@ -172,18 +217,22 @@ def extract(cfg: DictConfig) -> dict:
         "vocab_limit": pair.target.vocab_limit,
         "extra": {"split": cfg.split, "data": OmegaConf.to_container(cfg.data, resolve=True)},
     }
-    samples = list(mini_samples(pair, cfg.split, cfg.data.start, cfg.data.n_scenes))
     t0 = time.perf_counter()
-    written = 0
+    written = resumed = 0
     with CacheWriter(out, meta, shard_samples=cfg.shard_samples) as writer:
         writer.set_lm_head(lm_head.detach().cpu())
-        done = writer.done_ids()
-        todo = [s for s in samples if s.sample_id not in done]
-        for sample in tqdm(todo, desc=f"extract {cfg.split}", unit="sample", dynamic_ncols=True):
+        # Streamed: a DSEC split does not fit in memory, and done samples are never prepared.
+        samples = iter_samples(pair, cfg.data, cfg.split, skip=writer.done_ids())
+        for sample_id, sample in tqdm(
+            samples, desc=f"extract {cfg.split}", unit="sample", dynamic_ncols=True
+        ):
+            if sample is None:
+                resumed += 1
+                continue
             answer = target_answer(pair, sample, max_new)
             h_d, h_t = teacher_forced_states(pair, sample, answer)
             writer.add(
-                sample.sample_id,
+                sample_id,
                 sample.group,
                 sample.question_id,
                 h_d,
@@ -195,24 +244,24 @@ def extract(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - t0
     return {
         "out_dir": str(out),
-        "samples": len(samples),
+        "samples": written + resumed,
         "written": written,
-        "resumed": len(samples) - len(todo),
+        "resumed": resumed,
         "seconds": round(seconds, 1),
     }
 
 
-def ensure_cache(cfg: DictConfig) -> Path:
+def ensure_cache(cfg: DictConfig) -> str:
     """Extracts (or finishes extracting) the cache a training config's `data` names.
 
     Resuming a complete cache writes nothing, so calling this before every run costs only the
     model load and sample listing.
     """
-    out = Path(cfg.data.cache_dir)
+    out = str(cfg.data.cache_dir)
     extract(
         OmegaConf.merge(
             OmegaConf.create({"dtype": "float32", "shard_samples": 256, "max_new_tokens": None}),
-            {"models": cfg.models, "data": cfg.data, "out_dir": str(out), "split": cfg.data.split},
+            {"models": cfg.models, "data": cfg.data, "out_dir": out, "split": cfg.data.source_split},
         )
     )
     return out

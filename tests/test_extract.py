@@ -13,7 +13,7 @@ def _cfg(models, out, n_scenes=3):
     return OmegaConf.create(
         {
             "models": models,
-            "data": {"split": "train", "start": 500, "n_scenes": n_scenes},
+            "data": {"source_split": "train", "start": 500, "n_scenes": n_scenes},
             "split": "train",
             "out_dir": str(out),
             "dtype": "float32",
