@@ -7,15 +7,42 @@ The same functions load the mini models written by `cross_modal_sd.world.build` 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, VideoLlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, CLIPVisionModel, VideoLlavaForConditionalGeneration
 
 from cross_modal_sd.models.eventgpt import EventGPT, _from_original_key, read_eventgpt_config
 
 CLIP_PREFIX = "model.visual_tower.visual_tower."
+TOWER = "encoder.visual_tower."  # where the CLIP tower sits in the EventGPT module
+INNER = "vision_model."
+
+
+def _tower_nests_vision_model() -> bool:
+    """Whether this transformers' `CLIPVisionModel` keeps its weights under `vision_model.`.
+
+    transformers < 5 did (as every EventGPT checkpoint and CLIP directory does); 5 does not.
+    """
+    tiny = CLIPVisionConfig(
+        hidden_size=4,
+        intermediate_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        image_size=2,
+        patch_size=1,
+    )
+    with torch.device("meta"):
+        return "vision_model" in dict(CLIPVisionModel(tiny).named_children())
+
+
+def _tower_key(key: str, nested: bool) -> str:
+    """A tower key in the layout this transformers' `CLIPVisionModel` expects."""
+    if not key.startswith(TOWER):
+        return key
+    rest = key[len(TOWER) :].removeprefix(INNER)
+    return TOWER + (INNER if nested else "") + rest
 
 
 class CheckpointError(FileNotFoundError):
@@ -42,30 +69,70 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Streams (key, tensor) from safetensors or torch .bin files, one file in memory at a time."""
+def _iter_tensors(
+    files: list[Path], keep: Callable[[str], bool] = lambda key: True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streams (key, tensor) of the kept keys from safetensors or torch .bin files.
+
+    safetensors files are read tensor by tensor; .bin files are memory-mapped, so only the tensors
+    taken are read either way.
+    """
     from safetensors import safe_open
 
     for path in files:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield key, f.get_tensor(key)
+                    if keep(key):
+                        yield key, f.get_tensor(key)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            yield from ((k, v) for k, v in state.items() if keep(k))
 
 
-def _resolve_clip(directory: Path, mm_visual_tower: str | None, clip_dir: str | None) -> Path:
+def _find_clip(directory: Path, mm_visual_tower: str | None, clip_dir: str | None) -> list[Path]:
+    """Candidate CLIP directories, in order; the first holding a config.json is used."""
     candidates = [Path(clip_dir)] if clip_dir else []
     if mm_visual_tower:
         candidates += [directory / mm_visual_tower, Path(mm_visual_tower)]
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    raise CheckpointError(
-        f"CLIP vision tower config not found for {directory}: tried "
-        f"{[str(c) for c in candidates]}; pass clip_dir= a local CLIP ViT-L/14-336 directory"
+    return candidates
+
+
+def clip_vit_l14_336_config() -> CLIPVisionConfig:
+    """The vision config of CLIP ViT-L/14-336, the tower every EventGPT-7B checkpoint uses."""
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+    )
+
+
+def _tower_matches(state: dict[str, torch.Tensor], cfg: CLIPVisionConfig, nested: bool) -> bool:
+    """Whether the tower weights in `state` have exactly the shapes `cfg` implies."""
+    p = TOWER + (INNER if nested else "")
+    n_pos = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    expected = {
+        p + "embeddings.patch_embedding.weight": (
+            cfg.hidden_size,
+            3,
+            cfg.patch_size,
+            cfg.patch_size,
+        ),
+        p + "embeddings.position_embedding.weight": (n_pos, cfg.hidden_size),
+        p + f"encoder.layers.{cfg.num_hidden_layers - 1}.mlp.fc1.weight": (
+            cfg.intermediate_size,
+            cfg.hidden_size,
+        ),
+    }
+    too_deep = p + f"encoder.layers.{cfg.num_hidden_layers}.mlp.fc1.weight"
+    return too_deep not in state and all(
+        k in state and tuple(state[k].shape) == shape for k, shape in expected.items()
     )
 
 
@@ -87,29 +154,51 @@ def load_eventgpt(
 
     Returns:
         The model in eval mode.
+
+    Tensors are cast and moved to `device` one at a time as they are read, so host memory holds
+    at most one tensor beyond what `device` is; buffers (rotary `inv_freq`, CLIP position ids)
+    keep their own dtypes as transformers' own loading leaves them.
     """
     directory = Path(directory)
     llama_cfg, mm = read_eventgpt_config(directory)
-    clip_path = _resolve_clip(directory, mm.get("mm_visual_tower"), clip_dir)
-    vision_cfg = CLIPVisionConfig.from_pretrained(clip_path)
     files = _weight_files(directory)
 
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    nested = _tower_nests_vision_model()
     state: dict[str, torch.Tensor] = {}
-    for key, value in _iter_tensors(files):
+    for key, value in _iter_tensors(files, keep=lambda k: not _is_rebuilt_buffer(k)):
         ours = _from_original_key(key)
         if ours is not None:
-            state[ours] = value
+            state[_tower_key(ours, nested)] = place(value)
     embed = state.get("language_model.model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError(f"{directory}: no model.embed_tokens.weight in {files}")
     # The vocabulary size is what the embedding matrix says (EventGPT adds tokens after Vicuna's).
     llama_cfg.vocab_size = embed.shape[0]
-    if not any(k.startswith("encoder.visual_tower.") for k in state):
-        tower_files = _weight_files(clip_path)
-        for key, value in _iter_tensors(tower_files):
-            if key.startswith("vision_model."):
-                state["encoder.visual_tower." + key] = value
-    if not any(k.startswith("encoder.visual_tower.") for k in state):
+
+    candidates = _find_clip(directory, mm.get("mm_visual_tower"), clip_dir)
+    clip_path = next((c for c in candidates if (c / "config.json").is_file()), None)
+    has_tower = any(k.startswith(TOWER) for k in state)
+    if clip_path is not None:
+        vision_cfg = CLIPVisionConfig.from_pretrained(clip_path)
+    elif has_tower and _tower_matches(state, clip_vit_l14_336_config(), nested):
+        # `mm_visual_tower` is usually a hub id; the tower inside the checkpoint has exactly
+        # ViT-L/14-336's shapes, so its config is known without the hub.
+        vision_cfg = clip_vit_l14_336_config()
+    else:
+        raise CheckpointError(
+            f"CLIP vision tower config not found for {directory}: tried "
+            f"{[str(c) for c in candidates]}; pass clip_dir= a local CLIP ViT-L/14-336 directory"
+        )
+    if not has_tower and clip_path is not None:
+        for key, value in _iter_tensors(
+            _weight_files(clip_path),
+            keep=lambda k: k.startswith(INNER) and not _is_rebuilt_buffer(k),
+        ):
+            state[_tower_key(TOWER + key, nested)] = place(value)
+    if not any(k.startswith(TOWER) for k in state):
         raise CheckpointError(
             f"no CLIP weights: neither {directory} ({CLIP_PREFIX}*) nor {clip_path} (vision_model.*)"
         )
@@ -127,7 +216,12 @@ def load_eventgpt(
             f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
         )
     _materialise_buffers(model)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()
+
+
+def _is_rebuilt_buffer(key: str) -> bool:
+    """Buffers older checkpoints carry but this transformers rebuilds from the config."""
+    return key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids"))
 
 
 def _materialise_buffers(model: torch.nn.Module) -> None:
