@@ -73,7 +73,8 @@ def test_eventgpt_save_load_round_trip_in_original_layout(tok, draft, tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     for prefix in (
-        "model.visual_tower.visual_tower.",
+        "model.visual_tower.visual_tower.vision_model.embeddings.",
+        "model.visual_tower.visual_tower.vision_model.encoder.layers.0.",
         "model.visual_projector.0.",
         "model.visual_projector.2.",
         "model.feature_adaptor.",

@@ -143,7 +143,12 @@ class EventGPT(nn.Module):
 
 def _to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
+    tower = "encoder.visual_tower."
     for key, value in state.items():
+        # Original checkpoints nest the tower under `vision_model.` (transformers < 5 layout);
+        # write that layout whatever the installed transformers keeps in memory.
+        if key.startswith(tower) and not key.startswith(tower + "vision_model."):
+            key = tower + "vision_model." + key[len(tower) :]
         for orig, ours in PREFIX_MAP:
             if key.startswith(ours):
                 out[orig + key[len(ours) :]] = value
