@@ -93,17 +93,9 @@ def offline_metrics(
 
 
 def _explicit_split(data_cfg: Mapping[str, Any]) -> Any:
-    """The data config's explicit group split (a mapping or a JSON file), else None.
-
-    ``data.split`` of the mini-world config names the world split the cache was extracted from
-    (a plain word), which is no group assignment.
-    """
+    """``data.split`` as the DataModule takes it: group lists, a JSON file, or None."""
     split = data_cfg.get("split")
-    if isinstance(split, DictConfig):
-        return OmegaConf.to_container(split, resolve=True)
-    if isinstance(split, Mapping) or (isinstance(split, str) and split.endswith(".json")):
-        return split
-    return None
+    return OmegaConf.to_container(split, resolve=True) if isinstance(split, DictConfig) else split
 
 
 def run_offline(export: AdapterExport, cfg: DictConfig | Mapping[str, Any]) -> tuple[dict, list]:
