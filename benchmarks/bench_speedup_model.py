@@ -30,7 +30,10 @@ from omegaconf import OmegaConf
 
 from cross_modal_sd.analysis.cost_profile import measure_profile, pair_models
 from cross_modal_sd.analysis.speedup_model import (
+    Acceptance,
     CostProfile,
+    config_from_records,
+    predicted_speedups,
     render_validation,
     save_profile,
     split_e2e_records,
@@ -159,11 +162,30 @@ def main(argv=None) -> list[dict]:
     per_sample = [around[i // args.chunk] for i in range(len(records))]
     by_name, baseline = split_e2e_records(records)
     rows = validate(by_name, baseline, per_sample)
+    # What evaluate.py reports as predicted_speedup: the checkpoint's offline val acceptance.
+    offline = predicted_speedups(
+        profile,
+        Acceptance.from_export(export.path),
+        {n: config_from_records(r) for n, r in by_name.items()},
+        records,
+    )
+    for row in rows:
+        row["predicted_speedup_offline"] = offline[row["strategy"]]["ratio_of_means"]
+        row["error_offline"] = row["predicted_speedup_offline"] / row["measured_speedup"] - 1
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_profile(profile, out / "cost_profile.json")
-    markdown = render_validation(rows)
+    markdown = (
+        render_validation(rows)
+        + "\n\nFrom the checkpoint's offline val acceptance: "
+        + (
+            ", ".join(
+                f"{r['method']} {r['predicted_speedup_offline']:.3f} ({100 * r['error_offline']:+.1f}%)"
+                for r in rows
+            )
+        )
+    )
     spread = {
         k: (min(getattr(p, k) for p in profiles), max(getattr(p, k) for p in profiles))
         for k in ("target_prefill_ms", "target_token_ms", "contention", "round1_overhead_ms")
