@@ -22,7 +22,6 @@ import json
 import random
 import statistics
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -33,6 +32,7 @@ from cross_modal_sd.analysis.speedup_model import (
     Acceptance,
     CostProfile,
     config_from_records,
+    mean_profile,
     predicted_speedups,
     render_validation,
     save_profile,
@@ -53,24 +53,6 @@ STRATEGIES = [
 # Record fields the validation reads; the fixture keeps only these.
 RECORD_KEYS = ("method", "tokens", "drafted", "accepted", "rounds", "stop", "total_ms",
                "decode_ms", "target_forwards")  # fmt: skip
-
-
-def mean_profile(profiles: list[CostProfile]) -> CostProfile:
-    """Field-wise mean of profiles of the same models (verify points paired by k)."""
-    values = {}
-    for f in fields(CostProfile):
-        column = [getattr(p, f.name) for p in profiles]
-        if f.name == "verify_points":
-            values[f.name] = tuple(
-                (pts[0][0], statistics.mean(ms for _, ms in pts))
-                for pts in zip(*column, strict=True)
-            )
-        elif all(isinstance(v, (int, float)) for v in column):
-            values[f.name] = statistics.mean(column)
-        else:
-            values[f.name] = column[0]
-    values["meta"] = {**profiles[0].meta, "profiles_averaged": len(profiles)}
-    return CostProfile(**values)
 
 
 def _rounded(value, digits: int = 2):

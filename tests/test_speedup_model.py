@@ -17,6 +17,7 @@ from cross_modal_sd.analysis.speedup_model import (
     conditional_from_position_acceptance,
     config_from_records,
     load_profile,
+    mean_profile,
     predict_speedup,
     predicted_speedups,
     render_validation,
@@ -429,3 +430,16 @@ def test_gpu_check_output_reads_as_a_profile(tmp_path):
     path.write_text(json.dumps(report))
     with pytest.raises(ProfileError, match=r"gpu_check costs incomplete .*draft_token_ms"):
         load_profile(path)
+
+
+def test_mean_profile_averages_costs_and_keeps_text():
+    a = _toy_profile(name="a", contention=0.5, prefill_drafts_measured=2.0)
+    b = _toy_profile(
+        name="b", target_prefill_ms=20.0, verify_points=((0, 3.0), (4, 5.0)), contention=1.5
+    )
+    m = mean_profile([a, b])
+    assert m.target_prefill_ms == 15.0 and m.contention == 1.0 and m.name == "a"
+    assert m.verify_points == ((0, 2.0), (4, 4.0))
+    assert m.prefill_drafts_measured == 2.0  # measured in one only: None stays out of the mean
+    with pytest.raises(ValueError, match="verify at different k"):
+        mean_profile([a, _toy_profile(verify_points=((1, 1.0), (4, 3.0)))])

@@ -52,7 +52,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,34 @@ class CostProfile:
             return cls(**d)
         except ProfileError as err:
             raise ProfileError(f"{where}: {err}") from err
+
+
+def mean_profile(profiles: Sequence[CostProfile]) -> CostProfile:
+    """Field-wise mean of profiles of the same models (e.g. measured before, between and after
+    a run's chunks of samples); verify points are paired by position, text from the first.
+
+    Raises:
+        ValueError: no profiles, or profiles measured at different draft counts.
+    """
+    if not profiles:
+        raise ValueError("mean_profile: no profiles")
+    values: dict[str, Any] = {}
+    for f in fields(CostProfile):
+        column = [getattr(p, f.name) for p in profiles]
+        if f.name == "verify_points":
+            if len({tuple(k for k, _ in pts) for pts in column}) > 1:
+                raise ValueError("mean_profile: profiles measured verify at different k")
+            values[f.name] = tuple(
+                (pts[0][0], sum(ms for _, ms in pts) / len(pts))
+                for pts in zip(*column, strict=True)
+            )
+        elif f.type in ("float", "float | None"):
+            numbers = [v for v in column if v is not None]  # a cost some runs did not measure
+            values[f.name] = sum(numbers) / len(numbers) if numbers else None
+        else:
+            values[f.name] = column[0]
+    values["meta"] = {**profiles[0].meta, "profiles_averaged": len(profiles)}
+    return CostProfile(**values)
 
 
 def shipped_profiles() -> list[str]:
