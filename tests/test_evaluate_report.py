@@ -169,7 +169,7 @@ def test_markdown_renders_the_tables(report):
     md = render_e2e(report, ["speedup_distribution.png"])
     assert "**lossless_rate: 1.000**" in md
     assert "| strategy | method | total ms | tokens | speedup (ratio of means) |" in md
-    assert "| sd | sd/fixed-3/draft_model | 175.00 | 2.00 | 1.14 | 1.50 | 0.00 | 1.00 |" in md
+    assert "| sd | sd/fixed-3/draft_model | 175.00 | 2.00 | 1.14 | 1.50 | – | 0.00 | 1.00 |" in md
     assert "| draft prefill / target prefill | 0.300 | 0.270 |" in md
     assert "| accepted | sd |" in md  # histogram table, SD configurations only
     assert "| position | sd |" in md

@@ -17,7 +17,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from cross_modal_sd.analysis.cost_profile import measure_profile, pair_models
 from cross_modal_sd.analysis.report import BASELINE, aggregate, mean
+from cross_modal_sd.analysis.speedup_model import Acceptance, mean_profile, predicted_speedups
 from cross_modal_sd.decoding import (
     AdapterDrafter,
     DraftInputs,
@@ -211,6 +213,16 @@ def _inputs(
     )
 
 
+def _profile(models, warnings: list[str]):
+    """The speedup model's cost profile of this run's models, or None (with a warning) when the
+    sample cannot be profiled (e.g. an answer that ends at its first token)."""
+    try:
+        return measure_profile(models, repeats=5)
+    except RuntimeError as err:
+        warnings.append(f"cost profile not measured: {err}")
+        return None
+
+
 def run_e2e(
     pair: PairModels,
     export: AdapterExport,
@@ -264,12 +276,15 @@ def run_e2e(
 
     records = []
     methods = [Strategy(BASELINE, "baseline"), *strategies]
+    profile_models = pair_models(pair, adapter, samples[0])
     with thread_budget(cfg.get("threads")):
         t_in, d_in = _inputs(samples[0], pair, device)
         for _ in range(int(cfg.get("warmup", 1))):
             runs = {m.name: run(m, t_in, d_in) for m in methods}
             if probe:
                 measure_costs(pair, t_in, d_in, runs[BASELINE]["tokens"])
+        # The speedup model's cost profile, measured in this run before and after the timing loop.
+        profiles = [_profile(profile_models, warnings)]
         for i, sample in enumerate(tqdm(samples, desc="evaluate", unit="sample")):
             t_in, d_in = _inputs(sample, pair, device)
             order = methods[i % len(methods) :] + methods[: i % len(methods)]
@@ -290,6 +305,7 @@ def run_e2e(
                     "costs": measure_costs(pair, t_in, d_in, base["tokens"]) if probe else None,
                 }
             )
+        profiles.append(_profile(profile_models, warnings))
 
     report = aggregate(records, {s.name: s.kind for s in strategies}, max_len=max_new)
     blank = sum(r["events_blank"] for r in records)
@@ -298,6 +314,19 @@ def run_e2e(
             f"{blank} of {len(records)} samples have no events (blank event images): the draft "
             f"reads an empty scene there; outputs are still checked against the baseline"
         )
+    profiles = [p for p in profiles if p is not None]
+    try:
+        if not profiles:
+            raise ValueError("no cost profile could be measured")
+        profile = mean_profile(profiles)
+        report["cost_profile"] = profile.to_dict()
+        acceptance = Acceptance.from_export(export.path)
+    except ValueError as err:  # e.g. an export without token-level curves
+        warnings.append(f"no predicted_speedup: {err}")
+    else:
+        sd_configs = {s.name: s.sd for s in strategies if s.kind == "sd"}
+        for name, pred in predicted_speedups(profile, acceptance, sd_configs, records).items():
+            report["strategies"][name]["predicted_speedup"] = pred
     report["warnings"] = warnings + report["warnings"]
     report["mode"] = "e2e"
     report["checkpoint"] = checkpoint
