@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 from cross_modal_sd.decoding.inputs import TargetInputs
 from cross_modal_sd.decoding.speculative import TargetState, extend_answer, verify
 from cross_modal_sd.decoding.timing import time_call
+from cross_modal_sd.models.generation import greedy_kwargs
 from cross_modal_sd.models.wrappers import TargetDecoder
 
 
@@ -62,15 +63,11 @@ class GenerationRecord:
 
 def greedy_generation_config(model, spec: GreedySpec, **overrides) -> GenerationConfig:
     """A complete greedy config, so no default of the model's own generation config leaks in."""
-    vocab_size = model.config.get_text_config().vocab_size
-    return GenerationConfig(
-        do_sample=False,
-        max_new_tokens=spec.max_new_tokens,
-        eos_token_id=spec.eos_token_id,
-        pad_token_id=model.config.get_text_config().pad_token_id,
-        suppress_tokens=list(range(spec.vocab_limit, vocab_size)),
-        **overrides,
+    text = model.config.get_text_config()
+    kwargs = greedy_kwargs(
+        spec.vocab_limit, text.vocab_size, spec.max_new_tokens, spec.eos_token_id, text.pad_token_id
     )
+    return GenerationConfig(**kwargs, **overrides)
 
 
 def _hf_generate(model, inputs: TargetInputs, config: GenerationConfig, **kwargs) -> list[int]:
