@@ -1,1 +1,28 @@
 """Shared pytest fixtures."""
+
+import pytest
+
+SMALL_WORLD = {
+    "train_scenes": 40,
+    "val_scenes": 4,
+    "test_scenes": 4,
+    "max_new_tokens": 24,
+    "target_train": {"steps": 40, "batch_size": 8, "lr": 3e-3},
+    "draft_train": {"steps": 40, "batch_size": 8, "lr": 3e-3},
+}
+
+
+@pytest.fixture(scope="session")
+def small_world_cfg(tmp_path_factory):
+    """`conf/models/mini.yaml` shrunk for tests: a briefly trained world built once per session.
+
+    Its models are poor (40 steps) but real: built, saved, verified and loaded by the same code
+    as the default world, so pipeline tests exercise every path in seconds.
+    """
+    from omegaconf import OmegaConf
+
+    from cross_modal_sd.world.build import MiniWorldConfig, build_mini_world
+
+    root = tmp_path_factory.mktemp("mini")
+    build_mini_world(MiniWorldConfig.from_dict(SMALL_WORLD), root=root, log=lambda *_: None)
+    return OmegaConf.create({"kind": "mini", "root": str(root), "world": SMALL_WORLD})
