@@ -261,7 +261,12 @@ def ensure_cache(cfg: DictConfig) -> str:
     extract(
         OmegaConf.merge(
             OmegaConf.create({"dtype": "float32", "shard_samples": 256, "max_new_tokens": None}),
-            {"models": cfg.models, "data": cfg.data, "out_dir": out, "split": cfg.data.source_split},
+            {
+                "models": cfg.models,
+                "data": cfg.data,
+                "out_dir": out,
+                "split": cfg.data.source_split,
+            },
         )
     )
     return out
