@@ -304,7 +304,7 @@ def test_evaluate_writes_reports_plots_and_samples(world, tmp_path, monkeypatch)
     import cross_modal_sd.evaluation.run as run_module
 
     monkeypatch.setattr(run_module, "load_pair", lambda _cfg: world.pair)
-    monkeypatch.setattr(run_module, "mini_samples", lambda *a, **k: iter(world.samples[:3]))
+    monkeypatch.setattr(run_module, "pair_samples", lambda *a, **k: iter(world.samples[:3]))
     out = tmp_path / "run"
     cfg = _cfg(
         ckpt=str(world.ckpt),

@@ -16,7 +16,7 @@ from cross_modal_sd.evaluation.checkpoint import load_export, resolve_checkpoint
 from cross_modal_sd.evaluation.e2e import resolve_max_new_tokens, run_e2e
 from cross_modal_sd.evaluation.offline import run_offline
 from cross_modal_sd.evaluation.outputs import log_report, make_loggers, write_outputs
-from cross_modal_sd.extract import load_pair, mini_samples
+from cross_modal_sd.extract import load_pair, pair_samples
 from cross_modal_sd.training.callbacks import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "e2e":
         resolve_max_new_tokens(cfg.max_new_tokens, 1)  # bad values fail before the models load
         pair = load_pair(cfg.models)
-        samples = mini_samples(pair, cfg.split, cfg.start, cfg.n_scenes)
+        samples = pair_samples(pair, cfg.data, cfg.split, cfg.start, cfg.n_scenes)
         report, records = run_e2e(pair, export, samples, cfg, cache_dir=cfg.data.get("cache_dir"))
+        unit = "scenes" if cfg.data.get("source", "mini") == "mini" else "clips"
         report["config"]["source"] = (
-            f"mini world {cfg.split} scenes {cfg.start}..{cfg.start + cfg.n_scenes - 1}"
+            f"{cfg.data.get('source', 'mini')} {cfg.split} {unit} "
+            f"{cfg.start}..{cfg.start + cfg.n_scenes - 1}"
         )
     else:
         report, records = run_offline(export, cfg)
