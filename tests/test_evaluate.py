@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from random_models import boost_eos, liven
 
 from cross_modal_sd.adapters import build_adapter, save_adapter
 from cross_modal_sd.data.cache_format import CacheWriter, HiddenPairCache
@@ -58,22 +59,6 @@ ALL_STRATEGIES = [
 ]
 
 
-def _liven(model) -> None:
-    """Re-draw the text decoder so greedy answers vary with the input (the default init repeats
-    one token); small attention outputs keep answers driven by recent tokens, so a draft with the
-    same decoder agrees often but not always."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
-                p.normal_(0.0, 0.003 if "o_proj" in name else 0.1)
-
-
-def _boost_eos(model, token: int, eos: int) -> None:
-    """EOS's lm_head row becomes 1.02x `token`'s: EOS wins wherever `token` would."""
-    with torch.no_grad():
-        model.lm_head.weight[eos] = 1.02 * model.lm_head.weight[token]
-
-
 def _sample(tok, i: int, n_video: int, blank_events: bool = False) -> PairSample:
     g = torch.Generator().manual_seed(100 + i)
     q = QUESTIONS[i % len(QUESTIONS)]
@@ -103,7 +88,7 @@ class TinyWorld:
         limit = text_vocab_limit(tok)
         n_video = 8 * TowerSize().tokens(32)
         target = build_target(tok, TowerSize(), DecoderSize(layers=2), 32, 8).eval()
-        _liven(target)
+        liven(target)
         self.samples = [_sample(tok, i, n_video) for i in range(N_SAMPLES)]
         spec = GreedySpec(MAX_NEW, limit, tok.eos_token_id)
 
@@ -118,7 +103,7 @@ class TinyWorld:
         before = answers()
         seen = Counter(t for a in before for t in set(a[2 : MAX_NEW - 2]))
         token = min(seen, key=lambda t: (abs(seen[t] - N_SAMPLES // 4), t))
-        _boost_eos(target, token, tok.eos_token_id)
+        boost_eos(target, token, tok.eos_token_id)
         self.answers = answers()
         draft = build_draft(tok, TowerSize(), DecoderSize(layers=2), 32, 2).eval()
         # The draft decoder copies the target's, so the drafter's proposals are often right.
@@ -215,7 +200,7 @@ def test_bad_max_new_tokens_is_rejected(world, bad):
 def test_answer_ending_at_the_first_token(world):
     # A copy of the target whose EOS takes over sample 0's first token: that answer is [EOS].
     target = copy.deepcopy(world.pair.target.model)
-    _boost_eos(target, world.answers[0][0], world.tok.eos_token_id)
+    boost_eos(target, world.answers[0][0], world.tok.eos_token_id)
     pair = dataclasses.replace(
         world.pair, target=TargetDecoder(target, world.pair.target.vocab_limit)
     )

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from random_models import boost_eos, liven
 
 from cross_modal_sd.adapters import build_adapter, load_adapter_config
 from cross_modal_sd.decoding import (
@@ -46,26 +47,6 @@ QUESTIONS = (
 VIDEO_TOKENS = 8 * TowerSize().tokens(32)
 
 
-def _liven(model) -> None:
-    """Re-draws the text decoder's weights so greedy answers vary with the input.
-
-    At the default init a tiny random decoder repeats one token whatever it reads. Attention
-    outputs stay small so the answer depends mostly on the recent tokens; a draft decoder with
-    the same weights then agrees with the target often but not always, which exercises partial
-    acceptance through the real drafter.
-    """
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
-                p.normal_(0.0, 0.003 if "o_proj" in name else 0.1)
-
-
-def _boost_eos(model, token: int, eos: int) -> None:
-    """EOS's lm_head row becomes 1.02x `token`'s: EOS wins wherever `token` would (positive logit)."""
-    with torch.no_grad():
-        model.lm_head.weight[eos] = 1.02 * model.lm_head.weight[token]
-
-
 class World:
     """Tiny target + draft pair, inputs and the target's greedy answers (HF `generate`)."""
 
@@ -76,14 +57,14 @@ class World:
         self.eos = self.tok.eos_token_id
         self.spec = GreedySpec(MAX_NEW, self.limit, self.eos)
         self.target_model = build_target(self.tok, TowerSize(), DecoderSize(layers=3), 32, 8).eval()
-        _liven(self.target_model)
+        liven(self.target_model)
         self.samples = [self.inputs(i) for i in range(N_SAMPLES)]
         # EOS takes over a token seen mid-answer in about a quarter of the samples, so answers
         # end at EOS or at the cap.
         before = [self.greedy(s[0]) for s in self.samples]
         seen = Counter(t for ref in before for t in set(ref[2 : MAX_NEW - 2]))
         token = min(seen, key=lambda t: (abs(seen[t] - N_SAMPLES // 4), t))
-        _boost_eos(self.target_model, token, self.eos)
+        boost_eos(self.target_model, token, self.eos)
         self.target = TargetDecoder(self.target_model, self.limit)
         self.reference = [self.greedy(s[0]) for s in self.samples]
         # The draft decoder copies the target's text decoder (same depth) to get real acceptances.
@@ -230,7 +211,7 @@ def test_max_new_tokens_one(world):
 def test_answer_that_is_eos_at_once(world):
     t_in, d_in = world.samples[0]
     model = copy.deepcopy(world.target_model)
-    _boost_eos(model, world.reference[0][0], world.eos)
+    boost_eos(model, world.reference[0][0], world.eos)
     target = TargetDecoder(model, world.limit)
     assert hf_greedy(model, t_in, world.spec, warmup=0).tokens == [world.eos]
     drafter = AdapterDrafter(world.draft, world.adapter_drafter("L4").adapter, target.logits)
