@@ -62,7 +62,8 @@ def make_module(args, datamodule: HiddenPairDataModule) -> AdapterModule:
     """The module ``train.py`` builds for ``adapter=<args.adapter> loss=<args.loss>``."""
     L.seed_everything(args.seed, verbose=False)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"adapter={args.adapter}", f"loss={args.loss}"])
+        loss = [f"loss={args.loss}"] if args.loss else []
+        cfg = compose("train", overrides=[f"adapter={args.adapter}", *loss])
     in_dim, out_dim = datamodule.dims
     manifest = datamodule.cache.manifest
     return AdapterModule(
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="lm_head rows of a random cache")
     parser.add_argument("--size-mb", type=float, default=60, help="row data of a random cache")
     parser.add_argument("--adapter", default="L1", help="adapter level (conf/adapter/<name>.yaml)")
-    parser.add_argument("--loss", default="cosine", help="loss config (conf/loss/<name>.yaml)")
+    parser.add_argument("--loss", help="loss config conf/loss/<name>.yaml (default: train.yaml's)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (first untimed)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop")
@@ -187,7 +188,7 @@ def main() -> None:
         json.dumps(
             {
                 "adapter": args.adapter,
-                "loss": args.loss,
+                "loss": args.loss or "train.yaml default",
                 "dims": list(datamodule.dims),
                 "batch_size": args.batch_size,
                 "device": args.device,

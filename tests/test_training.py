@@ -245,8 +245,10 @@ def test_lr_reaches_minimum_at_last_optimizer_step(aligned_cache, tmp_path, epoc
     assert lrs[warmup] == pytest.approx(0.004)  # peak right after warm-up
     assert np.all(np.diff(lrs[: warmup + 1]) > 0)
     assert np.all(np.diff(lrs[warmup:]) <= 0)  # never restarts
-    logged = {int(r["step"]): float(r["train/lr"]) for r in read_csv_log(tmp_path) if r["train/lr"]}
+    rows = read_csv_log(tmp_path)
+    logged = {int(r["step"]): float(r["train/lr"]) for r in rows if r["train/lr"]}
     assert logged == pytest.approx({s: lr for s, lr in steps})  # train/lr every step
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(total))
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -102,6 +102,8 @@ class AdapterModule(L.LightningModule):
             )
         self.val_metrics = AlignmentMetrics(lm_head_weight, taus, max_len, vocab_limit)
         self.val_results: dict[str, Any] = {}
+        self._step_terms: dict[str, Tensor] = {}
+        self._step_batches = 0
 
     @property
     def lm_head(self) -> Tensor | None:
@@ -128,18 +130,32 @@ class AdapterModule(L.LightningModule):
             batch["mask"],
             self.lm_head,
         )
-        logged = {"train/loss": terms["loss"]}
-        if len(terms) > 2:
-            # Components only when there are several: a lone term would repeat train/loss, and
-            # every logged value adds Lightning bookkeeping to each step.
-            logged |= {f"train/loss_{k}": v for k, v in terms.items() if k != "loss"}
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch["mask"]))
+        # Summed over the micro-batches of one optimizer step; logged in on_before_optimizer_step.
+        for name, value in terms.items():
+            self._step_terms[name] = self._step_terms.get(name, 0.0) + value.detach()
+        self._step_batches += 1
         return terms["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Called once per optimizer step (after gradient accumulation), before the update: the LR
-        # logged for step s is the one that step uses.
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        """Log ``train/lr`` (every optimizer step) and the step's mean loss terms.
+
+        Runs once per optimizer step, after gradient accumulation and before the update, so the
+        LR logged for step s is the one step s uses. The values go straight to the loggers, as
+        Lightning's own ``LearningRateMonitor`` does: ``self.log``'s per-step bookkeeping was
+        the whole gap to a plain loop (mini world, L1, 1 thread: 0.54 s vs 0.465 s for 58 steps;
+        0.465 s without ``self.log``). Loss terms follow ``trainer.log_every_n_steps``, since
+        reading them syncs a GPU; components only when there are several.
+        """
+        step = self.global_step
+        metrics = {"train/lr": optimizer.param_groups[0]["lr"]}
+        if step % self.trainer.log_every_n_steps == 0:
+            terms = {k: (v / self._step_batches).item() for k, v in self._step_terms.items()}
+            metrics["train/loss"] = terms.pop("loss")
+            if len(terms) > 1:
+                metrics |= {f"train/loss_{k}": v for k, v in terms.items()}
+        self._step_terms, self._step_batches = {}, 0
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         heads = self.forward_heads(batch)
