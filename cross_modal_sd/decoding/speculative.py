@@ -31,6 +31,7 @@ from cross_modal_sd.decoding.drafters import (
     DraftPolicy,
     DraftState,
     Proposal,
+    common_prefix_len,
     propose,
     sync,
 )
@@ -144,12 +145,7 @@ class SDResult:
 
 def accept_length(drafts: Sequence[int], greedy: Sequence[int]) -> int:
     """Number of leading drafts equal to the target's greedy token at the same position."""
-    n = 0
-    for d, g in zip(drafts, greedy, strict=False):
-        if d != g:
-            break
-        n += 1
-    return n
+    return common_prefix_len(drafts, greedy)
 
 
 def extend_answer(
