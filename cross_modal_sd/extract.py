@@ -8,10 +8,18 @@ speculative decoding accepts in its first round.
 
     python -m cross_modal_sd.extract                        # mini world, default split sizes
     python -m cross_modal_sd.extract data.n_scenes=50 out_dir=/tmp/cache
+    torchrun --nproc_per_node 4 -m cross_modal_sd.extract   # 4 ranks, one part each, merged
+
+With several ranks (torchrun's ``RANK``/``WORLD_SIZE``, or ``shard.rank``/``shard.world_size``
+for SLURM arrays and Hydra multiruns) rank r extracts block r of the scenes/clips into its own
+part cache ``<out_dir>/parts/rank-r-of-W/``, and the last rank to finish commits one manifest
+at ``<out_dir>`` listing every part's shards (see ``data/sharding.py``). Rerunning any subset of
+ranks extracts only what is missing, whatever world size the earlier runs had.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +30,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cross_modal_sd.data.cache_format import CacheWriter
+from cross_modal_sd.data.cache_format import PARTS_DIR, CacheWriter, load_manifest, merge_parts
+from cross_modal_sd.data.sharding import (
+    clear_done,
+    exclusive,
+    mark_done,
+    missing_ranks,
+    request_digest,
+    resolve_shard,
+)
 from cross_modal_sd.models.generation import greedy_kwargs
 from cross_modal_sd.models.prompts import (
     DRAFT_TEMPLATE,
@@ -194,14 +210,28 @@ def teacher_forced_states(
 
 
 def extract(cfg: DictConfig) -> dict:
-    """Runs (or resumes) one extraction; returns counts and timing.
+    """Runs (or resumes) one extraction, or this rank's part of a multi-process one.
 
     Args:
         cfg: composed `conf/extract.yaml` (keys `models`, `data`, `split`, `out_dir`, `dtype`,
-            `shard_samples`, `max_new_tokens`).
+            `shard_samples`, `max_new_tokens`, optional `shard.rank`/`shard.world_size`).
+
+    Returns:
+        Counts and timing of this process (``samples`` of its block, ``written``, ``resumed``,
+        ``seconds``), its ``rank`` and ``world_size``; with parts also ``merged`` (whether this
+        rank committed the merged manifest), ``waiting_for`` (ranks not done yet) and
+        ``total_samples`` (of the merged cache, when merged).
     """
-    pair = load_pair(cfg.models)
+    shard = resolve_shard(cfg.get("shard"))
     out = Path(cfg.out_dir)
+    # Once a cache has parts, every later run (a single process too) adds a part of its own.
+    sharded = shard.world_size > 1 or (out / PARTS_DIR).is_dir()
+    if sharded and cfg.models.kind == "mini":
+        # Ranks started together would all build a missing mini world into the same folder.
+        with exclusive(Path(cfg.models.root) / ".build.lock"):
+            pair = load_pair(cfg.models)
+    else:
+        pair = load_pair(cfg.models)
     max_new = int(cfg.max_new_tokens or pair.max_new_tokens)
     lm_head = pair.target.lm_head_weight
     meta = {
@@ -217,12 +247,59 @@ def extract(cfg: DictConfig) -> dict:
         "vocab_limit": pair.target.vocab_limit,
         "extra": {"split": cfg.split, "data": OmegaConf.to_container(cfg.data, resolve=True)},
     }
+    if not sharded:
+        stats = _extract_into(pair, cfg, out, meta, max_new, None, None, set())
+        return {"out_dir": str(out), "rank": 0, "world_size": 1, **stats}
+
+    parts = out / PARTS_DIR
+    request = request_digest({"meta": meta, "world_size": shard.world_size})
+    clear_done(parts, shard)
+    start, n = shard.block(*_units(cfg.data, cfg.split))
+    # Samples another part already holds (an earlier run with another world size, or the
+    # single-process cache this one continues) are not extracted again.
+    others = set()
+    if (out / "manifest.json").is_file():
+        others |= {s["id"] for s in load_manifest(out)["samples"]}
+    for part in _part_dirs(parts):
+        if part.name != shard.name:
+            others |= {s["id"] for s in load_manifest(part)["samples"]}
+    stats = _extract_into(pair, cfg, parts / shard.name, meta, max_new, start, n, others)
+    mark_done(parts, shard, request, units=[start, n], samples=stats["samples"])
+    waiting = missing_ranks(parts, shard.world_size, request)
+    total = None
+    if not waiting:
+        total = merge_parts(out, _part_dirs(parts))["n_samples"]
+    return {
+        "out_dir": str(out),
+        "rank": shard.rank,
+        "world_size": shard.world_size,
+        **stats,
+        "merged": not waiting,
+        "waiting_for": waiting,
+        "total_samples": total,
+    }
+
+
+def _extract_into(
+    pair: PairModels,
+    cfg: DictConfig,
+    out: Path,
+    meta: dict,
+    max_new: int,
+    start: int | None,
+    n: int | None,
+    others: set[str],
+) -> dict:
+    """Extract scenes/clips ``start .. start + n - 1`` (None: the data config's) into the cache
+    at ``out``, skipping what it or ``others`` hold."""
     t0 = time.perf_counter()
     written = resumed = 0
     with CacheWriter(out, meta, shard_samples=cfg.shard_samples) as writer:
-        writer.set_lm_head(lm_head.detach().cpu())
+        writer.set_lm_head(pair.target.lm_head_weight.detach().cpu())
         # Streamed: a DSEC split does not fit in memory, and done samples are never prepared.
-        samples = iter_samples(pair, cfg.data, cfg.split, skip=writer.done_ids())
+        samples = iter_samples(
+            pair, cfg.data, cfg.split, skip=writer.done_ids() | others, start=start, n=n
+        )
         for sample_id, sample in tqdm(
             samples, desc=f"extract {cfg.split}", unit="sample", dynamic_ncols=True
         ):
@@ -243,12 +320,35 @@ def extract(cfg: DictConfig) -> dict:
             written += 1
     seconds = time.perf_counter() - t0
     return {
-        "out_dir": str(out),
         "samples": written + resumed,
         "written": written,
         "resumed": resumed,
         "seconds": round(seconds, 1),
     }
+
+
+def _units(data_cfg: DictConfig, split: str) -> tuple[int, int]:
+    """(first, count) of the scenes (mini) or clips (dsec) an extraction of `split` covers."""
+    if data_cfg.get("source", "mini") == "dsec":
+        from cross_modal_sd.data.dsec import DsecReader
+
+        return 0, sum(1 for _ in DsecReader.from_config(data_cfg).clips(split))
+    return int(data_cfg.start), int(data_cfg.n_scenes)
+
+
+_PART_RE = re.compile(r"rank-(\d+)-of-(\d+)")
+
+
+def _part_dirs(parts: Path) -> list[Path]:
+    """Part caches under `parts`, by (world size, rank): one run's parts in sample order."""
+    if not parts.is_dir():
+        return []
+    found = [
+        (int(m[2]), int(m[1]), p)
+        for p in parts.iterdir()
+        if p.is_dir() and (m := _PART_RE.fullmatch(p.name)) and (p / "manifest.json").is_file()
+    ]
+    return [p for _, _, p in sorted(found)]
 
 
 def ensure_cache(cfg: DictConfig) -> str:
@@ -258,17 +358,22 @@ def ensure_cache(cfg: DictConfig) -> str:
     model load and sample listing.
     """
     out = str(cfg.data.cache_dir)
-    extract(
-        OmegaConf.merge(
-            OmegaConf.create({"dtype": "float32", "shard_samples": 256, "max_new_tokens": None}),
+    request = OmegaConf.merge(
+        OmegaConf.create(
             {
-                "models": cfg.models,
-                "data": cfg.data,
-                "out_dir": out,
-                "split": cfg.data.source_split,
-            },
-        )
+                "dtype": "float32",
+                "shard_samples": 256,
+                "max_new_tokens": None,
+                # Every training rank checks the whole cache; extraction is not split here.
+                "shard": {"rank": 0, "world_size": 1},
+            }
+        ),
+        {"models": cfg.models, "data": cfg.data, "out_dir": out, "split": cfg.data.source_split},
     )
+    # DDP ranks started together (torchrun) take turns: the first extracts, the others find the
+    # cache complete. A separate lock file: the writer's own lock fails instead of waiting.
+    with exclusive(Path(out).parent / f".{Path(out).name}.ensure.lock"):
+        extract(request)
     return out
 
 
