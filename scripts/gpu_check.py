@@ -764,11 +764,11 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
 def print_report(report: dict[str, Any], out: Path) -> None:
     """The report as tables on stdout."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from cross_modal_sd.analysis.speedup_model import profile_from_gpu_check
 
-    console = Console(width=110)
+    console = Console(width=120)
     env, c, r = report["environment"], report["costs"], report["ratios"]
     title = (
         f"gpu_check: {report['models']['target']} / {report['models']['draft']}, "
@@ -803,7 +803,7 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     mini = report.get("mini")
     if mini:
         table = Table(
-            "strategy",
+            Column("strategy", no_wrap=True),
             "lossless",
             "tau",
             "accept rate",
