@@ -12,6 +12,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import cross_modal_sd.evaluation.e2e as e2e_module
 import cross_modal_sd.extract as extract_module
 from cross_modal_sd.data.cache_format import PARTS_DIR, CacheError, HiddenPairCache, merge_parts
 from cross_modal_sd.data.sharding import Shard, resolve_shard
@@ -195,3 +198,206 @@ def test_merge_rejects_parts_of_other_extractions(tmp_path):
             writer.add(*samples[0])
     with pytest.raises(CacheError, match="sample 's000' is also in .*parts/a/manifest.json"):
         merge_parts(dup)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def test_distributed_samplers_split_without_overlap():
+    from cross_modal_sd.data.dataset import (
+        DistributedShardWindowSampler,
+        ShardWindowSampler,
+        UnrepeatedDistributedSampler,
+    )
+
+    shard_ids = [0] * 4 + [1] * 4 + [2] * 3  # 11 items
+    ranks = [DistributedShardWindowSampler(shard_ids, 2, r, window=2, seed=3) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(1)
+    parts = [list(s) for s in ranks]
+    assert [len(p) for p in parts] == [6, 6] == [len(s) for s in ranks]  # equal steps per rank
+    whole = ShardWindowSampler(shard_ids, window=2, seed=3)
+    whole.set_epoch(1)
+    order = list(whole)
+    # Interleaved slices of the single-process order, padded with its first item.
+    assert parts[0] == order[0::2] and parts[1] == order[1::2] + order[:1]
+    assert sorted(parts[0] + parts[1][:-1]) == list(range(11))
+    val = [list(UnrepeatedDistributedSampler(5, 2, r)) for r in (0, 1)]
+    assert val == [[0, 2, 4], [1, 3]]  # nothing repeated: the metric sums count each sample once
+    with pytest.raises(ValueError, match="1 evaluation samples cannot be split over 2 ranks"):
+        UnrepeatedDistributedSampler(1, 2, 0)
+
+
+def test_ddp_training_validates_like_one_process(tmp_path):
+    import lightning as L
+    from omegaconf import open_dict
+    from test_train_cli import REPO
+    from test_training import make_cfg, read_csv_log, write_aligned_cache
+
+    from cross_modal_sd.training import load_checkpoint
+    from cross_modal_sd.training.run import build_datamodule, build_module
+
+    cache = write_aligned_cache(tmp_path / "cache", n_groups=20, per_group=4)
+    run = tmp_path / "run"
+    overrides = [
+        "experiment=smoke",
+        "data=cache",
+        f"data.cache_dir={cache}",
+        "data.batch_size=8",
+        "data.val_fraction=0.2",
+        "trainer.max_epochs=3",
+        "callbacks.early_stopping=null",
+        "optimizer.lr=0.03",
+        "logger=csv",
+        "run_name=ddp",
+        f"hydra.run.dir={run}",
+        f"export_dir={tmp_path / 'export'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Lightning starts rank 1 by re-running this command (its launcher for `devices: 2`).
+    proc = subprocess.run(
+        [sys.executable, "train.py", "trainer=ddp_cpu", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    n_train = len(HiddenPairCache(cache)) - 16  # 4 of 20 scenes held out, 4 questions each
+    # Each rank ran half of every epoch: 64 train samples, 4 steps of 8 samples per rank.
+    assert summary["global_step"] == 3 * -(-n_train // 16)
+
+    # One process validates the weights the DDP run validated (and kept) over the same val split.
+    cfg = make_cfg(cache, tmp_path / "single", "data.batch_size=8", "callbacks.early_stopping=null")
+    with open_dict(cfg):
+        cfg.data.val_fraction = 0.2
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("validate")
+    module = build_module(cfg, datamodule)
+    module.load_state_dict(load_checkpoint(summary["best_checkpoint"])["state_dict"])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with thread_budget(1):
+        (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    ddp, single = summary["best"], module.val_results
+    assert set(ddp["metrics"]) == set(single["metrics"])
+    assert single["metrics"]["val/token_accept_len"] > 0  # trained: the token metrics are not 0
+    for key, value in single["metrics"].items():
+        if key.startswith("val/cos_sim"):  # float sums, added in another order
+            assert ddp["metrics"][key] == pytest.approx(value, rel=1e-6), key
+        else:  # ratios of integer counts: exact
+            assert ddp["metrics"][key] == value, key
+    assert ddp["curves"] == single["curves"]  # counts: exact
+    # val/loss (the loss over the whole split) as rank 0 logged it for that epoch.
+    (row,) = [r for r in read_csv_log(run) if r["val/loss"] and int(r["epoch"]) == ddp["epoch"]]
+    assert float(row["val/loss"]) == pytest.approx(logged["val/loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+EVAL_SCENES = 2
+
+
+@pytest.fixture(scope="module")
+def eval_export(small_world_cfg, tmp_path_factory) -> Path:
+    """An L1 export sized for the small world (random: SD stays lossless, acceptance is low)."""
+    from cross_modal_sd.adapters import build_adapter, save_adapter
+    from cross_modal_sd.extract import load_pair
+
+    pair = load_pair(small_world_cfg)
+    dims = (pair.draft.lm_head_weight.shape[1], pair.target.lm_head_weight.shape[1])
+    path = tmp_path_factory.mktemp("export") / "best_model.pt"
+    torch.manual_seed(0)
+    save_adapter(
+        build_adapter("L1", *dims), path, dims={"draft_dim": dims[0], "target_dim": dims[1]}
+    )
+    return path
+
+
+def _eval_cfg(models, ckpt: Path, out: Path, **shard):
+    from hydra import compose, initialize_config_dir
+    from test_training import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                "logger=none",
+                f"ckpt={ckpt}",
+                f"output_dir={out}",
+                f"n_scenes={EVAL_SCENES}",
+                "warmup=0",
+                "cost_probe=false",
+                "cost_profile=false",
+                "strategies=[sd_fixed,sd_confidence]",
+                "decoding.fixed.gamma=3",  # not `prefill`: round 1's draft count is then timing-free
+                *[f"shard.{k}={v}" for k, v in shard.items()],
+            ],
+        )
+    cfg.models = models
+    return cfg
+
+
+def deterministic(record: dict) -> dict:
+    """A per-sample record without its timings (`*_ms`), which no two runs share."""
+    if isinstance(record, dict):
+        return {k: deterministic(v) for k, v in record.items() if not k.endswith("_ms")}
+    return record
+
+
+def test_sharded_evaluation_merges_into_the_single_process_report(
+    small_world_cfg, eval_export, tmp_path
+):
+    from cross_modal_sd.evaluation import evaluate
+
+    single = evaluate(_eval_cfg(small_world_cfg, eval_export, tmp_path / "single"))
+    want = [json.loads(x) for x in (tmp_path / "single" / "samples.jsonl").read_text().splitlines()]
+
+    shared = tmp_path / "sharded"
+    real_inputs = e2e_module._inputs
+    calls = []
+
+    def dies_at_second_sample(sample, pair, device):
+        calls.append(sample.sample_id)
+        if len(calls) == 3:  # the first call prepares warm-up inputs; one sample is then recorded
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_inputs(sample, pair, device)
+
+    def work(rank):
+        if rank == 1:
+            e2e_module._inputs = dies_at_second_sample
+        return evaluate(
+            _eval_cfg(small_world_cfg, eval_export, tmp_path / f"out{rank}", dir=shared)
+        )
+
+    codes, results = run_ranks(work, 2, tmp_path)
+    assert codes == [0, -signal.SIGKILL]
+    assert results[0]["sharding"]["merged"] is False
+    assert results[0]["sharding"]["waiting_for"] == [1]
+    assert not (shared / "report.json").exists()
+
+    # Rank 1 alone, rerun: it times only the samples its part lacks, then merges.
+    with thread_budget(1):
+        report = evaluate(
+            _eval_cfg(
+                small_world_cfg, eval_export, tmp_path / "out1", rank=1, world_size=2, dir=shared
+            )
+        )
+    merged_by = report["sharding"]["merged_by"]
+    assert merged_by["resumed"] == 1
+    assert merged_by["timed"] == report["sharding"]["samples_per_rank"][1] - 1
+    got = [json.loads(x) for x in (shared / "samples.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in got] == [r["sample_id"] for r in want]
+    assert [deterministic(r) for r in got] == [deterministic(r) for r in want]
+    assert report["n_samples"] == single["n_samples"] == len(want)
+    assert report["lossless_rate"] == single["lossless_rate"] == 1.0
+    for name in ("sd_fixed_draft_model", "sd_confidence_draft_model"):
+        for key in ("tokens", "accept_rate", "tau", "accepted_length_hist"):
+            assert report["strategies"][name][key] == single["strategies"][name][key], (name, key)

@@ -15,10 +15,16 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cross_modal_sd.data.cache_format import CacheError, HiddenPairCache
-from cross_modal_sd.data.dataset import HiddenPairDataset, ShardWindowSampler, collate_pairs
+from cross_modal_sd.data.dataset import (
+    DistributedShardWindowSampler,
+    HiddenPairDataset,
+    ShardWindowSampler,
+    UnrepeatedDistributedSampler,
+    collate_pairs,
+)
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -122,6 +128,12 @@ class HiddenPairDataModule(L.LightningDataModule):
     are read in cache order. ``dims``, ``manifest_digest`` and ``lm_head_weight()`` open the cache
     on demand, so a model can be sized before ``setup``.
 
+    Under a distributed Lightning strategy (DDP) every rank memory-maps the same cache and reads
+    only its items: train through ``DistributedShardWindowSampler`` (disjoint slices of one
+    shuffled order, ``batch_size`` per rank), val and test through
+    ``UnrepeatedDistributedSampler`` (each sample on one rank exactly, so the sum-reduced
+    metrics equal one process's).
+
     Args:
         cache_dir: Cache directory.
         batch_size: Samples per batch.
@@ -214,19 +226,35 @@ class HiddenPairDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
-        sampler = ShardWindowSampler(
-            ds.shard_ids,
-            window=self.hparams.shuffle_window,
-            seed=self.hparams.seed,
-            prefetch=ds.cache.prefetch,
-        )
+        kw = {"window": self.hparams.shuffle_window, "seed": self.hparams.seed}
+        ranks = self._ranks()
+        if ranks is None:
+            sampler = ShardWindowSampler(ds.shard_ids, prefetch=ds.cache.prefetch, **kw)
+        else:
+            sampler = DistributedShardWindowSampler(
+                ds.shard_ids, *ranks, prefetch=ds.cache.prefetch, **kw
+            )
         return self._loader(ds, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"), None)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"), None)
+        return self._eval_loader("test")
+
+    def _ranks(self) -> tuple[int, int] | None:
+        """(num_replicas, rank) under a distributed strategy, else None."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
+            return None
+        return kwargs["num_replicas"], kwargs["rank"]
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        ds = self._dataset(name)
+        ranks = self._ranks()
+        sampler = None if ranks is None else UnrepeatedDistributedSampler(len(ds), *ranks)
+        return self._loader(ds, sampler)
 
     def _dataset(self, name: str) -> HiddenPairDataset:
         if name not in self.datasets:
@@ -240,7 +268,7 @@ class HiddenPairDataModule(L.LightningDataModule):
             )
         return self.datasets[name]
 
-    def _loader(self, ds: HiddenPairDataset, sampler: ShardWindowSampler | None) -> DataLoader:
+    def _loader(self, ds: HiddenPairDataset, sampler: Sampler | None) -> DataLoader:
         hp = self.hparams
         workers = hp.num_workers
         return DataLoader(

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
 from cross_modal_sd.data.cache_format import HiddenPairCache
 
@@ -158,3 +158,95 @@ class ShardWindowSampler(Sampler[int]):
                     self.prefetch(shards + ahead if k == 0 else ahead)
             members = np.concatenate([self._members[s] for s in shards])
             yield from rng.permutation(members).tolist()
+
+
+class DistributedShardWindowSampler(DistributedSampler):
+    """This rank's share of a ``ShardWindowSampler`` epoch, for data-parallel training.
+
+    Every rank draws the same (seed, epoch) order and takes every ``num_replicas``-th item of it
+    from position ``rank``: the ranks' items are disjoint and cover the epoch, and at any moment
+    all ranks read from the same window of shards, so one node's page cache holds ``window``
+    shards however many ranks it runs. The order is padded by repeating its first items to a
+    multiple of ``num_replicas``, because every rank must run the same number of steps (DDP
+    all-reduces gradients at each one). Subclassing ``DistributedSampler`` tells Lightning the
+    loader is already distributed, so it does not wrap it again.
+
+    Args:
+        shard_ids: (N,) shard index of each dataset item (``HiddenPairDataset.shard_ids``).
+        num_replicas: number of ranks.
+        rank: this rank, in [0, num_replicas).
+        window: shards shuffled together.
+        seed: base seed, the same on every rank.
+        prefetch: called with shard ids shortly before they are needed.
+    """
+
+    def __init__(
+        self,
+        shard_ids: Sequence[int],
+        num_replicas: int,
+        rank: int,
+        window: int = 4,
+        seed: int = 0,
+        prefetch: Callable[[list[int]], None] | None = None,
+    ):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got {rank} of {num_replicas}")
+        if len(shard_ids) == 0:
+            raise ValueError("a distributed sampler needs at least one item")
+        # DistributedSampler's own state (num_replicas, rank, epoch, seed) without its dataset.
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.shuffle, self.drop_last = True, False
+        self.inner = ShardWindowSampler(shard_ids, window, seed, prefetch)
+        self.num_samples = math.ceil(len(self.inner) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (the same on every rank)."""
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.inner)
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+class UnrepeatedDistributedSampler(DistributedSampler):
+    """Items ``rank, rank + num_replicas, ...`` in dataset order: each item on exactly one rank.
+
+    ``DistributedSampler`` pads by repeating items so every rank has as many; a repeated val
+    sample would be counted twice by the sum-reduced metrics, making multi-process validation
+    differ from one process's. Validation needs no equal step counts (no gradient all-reduce), so
+    here ranks may differ by one item.
+
+    Args:
+        n: dataset size.
+        num_replicas: number of ranks.
+        rank: this rank, in [0, num_replicas).
+
+    Raises:
+        ValueError: fewer items than ranks (a rank without batches would skip the epoch-end
+            metric reduction the others wait in).
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got {rank} of {num_replicas}")
+        if n < num_replicas:
+            raise ValueError(
+                f"{n} evaluation samples cannot be split over {num_replicas} ranks (each needs one)"
+            )
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, 0, 0
+        self.shuffle, self.drop_last = False, False
+        self.n = n
+        self.num_samples = len(range(rank, n, num_replicas))
+        self.total_size = n
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,12 @@ from tqdm import tqdm
 
 from cross_modal_sd.analysis.cost_profile import measure_profile, pair_models
 from cross_modal_sd.analysis.report import BASELINE, aggregate, mean
-from cross_modal_sd.analysis.speedup_model import Acceptance, mean_profile, predicted_speedups
+from cross_modal_sd.analysis.speedup_model import (
+    Acceptance,
+    CostProfile,
+    mean_profile,
+    predicted_speedups,
+)
 from cross_modal_sd.decoding import (
     AdapterDrafter,
     DraftInputs,
@@ -223,6 +228,190 @@ def _profile(models, warnings: list[str]):
         return None
 
 
+@dataclass
+class E2ESetup:
+    """Everything `time_samples` and `summarize_e2e` need besides the samples (see
+    `prepare_e2e`): what runs, where, and the warnings known before any timing."""
+
+    pair: PairModels
+    export: AdapterExport
+    checkpoint: dict[str, Any]
+    max_new: int
+    strategies: list[Strategy]
+    device: torch.device
+    adapter: torch.nn.Module
+    runner: _Runner
+    threads: int | None
+    warmup: int
+    probe: bool
+    profile: bool
+    warnings: list[str]
+
+    @property
+    def methods(self) -> list[Strategy]:
+        """The baseline, then the strategies: every method timed on each sample."""
+        return [Strategy(BASELINE, "baseline"), *self.strategies]
+
+
+def prepare_e2e(
+    pair: PairModels,
+    export: AdapterExport,
+    cfg: DictConfig | Mapping[str, Any],
+    cache_dir: str | os.PathLike | None = None,
+) -> E2ESetup:
+    """Checks the export against the models, parses the strategies and places the models.
+
+    Raises:
+        CheckpointError: the export does not fit the models.
+        ValueError: bad ``max_new_tokens`` or an unknown strategy.
+    """
+    checkpoint = check_export_fits(export, pair, cache_dir)
+    max_new = resolve_max_new_tokens(cfg.get("max_new_tokens"), pair.max_new_tokens)
+    strategies = parse_strategies(cfg["strategies"], cfg["decoding"], max_new, pair.eos_id)
+    device = torch.device(cfg.get("device") or "cpu")
+    pair.target.model.to(device).eval()
+    pair.draft.model.to(device).eval()
+    adapter = export.adapter.to(device).eval()
+    spec = GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id)
+    drafter = AdapterDrafter(pair.draft, adapter, pair.target.logits)
+    warnings = []
+    if max_new == 1:
+        warnings.append(
+            "max_new_tokens=1: the answer is the prefill's own token, so nothing is drafted; "
+            "speedups compare prefill-only runs"
+        )
+    return E2ESetup(
+        pair=pair,
+        export=export,
+        checkpoint=checkpoint,
+        max_new=max_new,
+        strategies=strategies,
+        device=device,
+        adapter=adapter,
+        runner=_Runner(pair, drafter, spec, cfg.get("peers") or {}),
+        threads=cfg.get("threads"),
+        warmup=int(cfg.get("warmup", 1)),
+        probe=bool(cfg.get("cost_probe", True)),
+        profile=bool(cfg.get("cost_profile", True)),
+        warnings=warnings,
+    )
+
+
+def time_samples(
+    setup: E2ESetup,
+    samples: Sequence[PairSample],
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[CostProfile], list[str]]:
+    """Times every method on every sample, after warm-up on the first.
+
+    On each sample all methods run back to back, their order rotating from sample to sample;
+    the speedup model's cost profile is measured before and after the loop (unless
+    ``cost_profile`` is false).
+
+    Args:
+        setup: from `prepare_e2e`.
+        samples: the samples (batch size 1 each); none gives empty results.
+        on_record: called with each per-sample record as soon as it is complete (a sharded
+            run appends it to its part file there, so a killed rank keeps what it timed).
+
+    Returns:
+        The per-sample records, the cost profiles measured, and warnings about them.
+    """
+    if not samples:
+        return [], [], []
+    pair, run, methods, device = setup.pair, setup.runner, setup.methods, setup.device
+    warnings: list[str] = []
+    records = []
+    profile_models = pair_models(pair, setup.adapter, samples[0])
+    with thread_budget(setup.threads):
+        t_in, d_in = _inputs(samples[0], pair, device)
+        for _ in range(setup.warmup):
+            runs = {m.name: run(m, t_in, d_in) for m in methods}
+            if setup.probe:
+                measure_costs(pair, t_in, d_in, runs[BASELINE]["tokens"])
+        # The speedup model's cost profile, measured in this run before and after the timing loop.
+        profiles = [_profile(profile_models, warnings)] if setup.profile else []
+        for i, sample in enumerate(tqdm(samples, desc="evaluate", unit="sample")):
+            t_in, d_in = _inputs(sample, pair, device)
+            order = methods[i % len(methods) :] + methods[: i % len(methods)]
+            runs = {m.name: run(m, t_in, d_in) for m in order}
+            base = runs.pop(BASELINE)
+            for record in runs.values():
+                record["lossless"] = record["tokens"] == base["tokens"]
+            records.append(
+                {
+                    "sample_id": sample.sample_id,
+                    "group": sample.group,
+                    "question_id": sample.question_id,
+                    "reference": sample.reference,
+                    "answer": pair.tokenizer.decode(base["tokens"], skip_special_tokens=True),
+                    "events_blank": blank_events(sample.event_pixels),
+                    "baseline": base,
+                    "strategies": {s.name: runs[s.name] for s in setup.strategies},
+                    "costs": measure_costs(pair, t_in, d_in, base["tokens"])
+                    if setup.probe
+                    else None,
+                }
+            )
+            if on_record is not None:
+                on_record(records[-1])
+        if setup.profile:
+            profiles.append(_profile(profile_models, warnings))
+    return records, [p for p in profiles if p is not None], warnings
+
+
+def summarize_e2e(
+    setup: E2ESetup,
+    records: Sequence[Mapping[str, Any]],
+    profiles: Sequence[CostProfile],
+    warnings: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The report of timed records: aggregates, cost profile, predicted speedups, config.
+
+    Args:
+        setup: from `prepare_e2e`.
+        records: per-sample records (of one process, or of all ranks in sample order).
+        profiles: cost profiles measured around the timing (averaged into the report's).
+        warnings: warnings of the timing beyond the setup's own.
+    """
+    strategies = setup.strategies
+    report = aggregate(records, {s.name: s.kind for s in strategies}, max_len=setup.max_new)
+    warnings = [*setup.warnings, *warnings]
+    blank = sum(r["events_blank"] for r in records)
+    if blank:
+        warnings.append(
+            f"{blank} of {len(records)} samples have no events (blank event images): the draft "
+            f"reads an empty scene there; outputs are still checked against the baseline"
+        )
+    try:
+        if not setup.profile:
+            raise ValueError("cost_profile=false")
+        if not profiles:
+            raise ValueError("no cost profile could be measured")
+        profile = mean_profile(profiles)
+        report["cost_profile"] = profile.to_dict()
+        acceptance = Acceptance.from_export(setup.export.path)
+    except ValueError as err:  # e.g. an export without token-level curves
+        warnings.append(f"no predicted_speedup: {err}")
+    else:
+        sd_configs = {s.name: s.sd for s in strategies if s.kind == "sd"}
+        for name, pred in predicted_speedups(profile, acceptance, sd_configs, records).items():
+            report["strategies"][name]["predicted_speedup"] = pred
+    report["warnings"] = warnings + report["warnings"]
+    report["mode"] = "e2e"
+    report["checkpoint"] = setup.checkpoint
+    report["config"] = {
+        "max_new_tokens": setup.max_new,
+        "threads": setup.threads,
+        "warmup": setup.warmup,
+        "device": str(setup.device),
+        "order": "interleaved per sample, rotating",
+        "strategies": {s.name: (s.sd.name if s.sd else s.name) for s in strategies},
+        "events_blank_samples": blank,
+    }
+    return report
+
+
 def run_e2e(
     pair: PairModels,
     export: AdapterExport,
@@ -242,7 +431,7 @@ def run_e2e(
         export: the adapter export.
         samples: the samples (batch size 1 each).
         cfg: keys ``strategies``, ``decoding``, ``peers``, ``max_new_tokens``, ``threads``,
-            ``warmup``, ``device``, ``cost_probe`` (see ``conf/evaluate.yaml``).
+            ``warmup``, ``device``, ``cost_probe``, ``cost_profile`` (see ``conf/evaluate.yaml``).
         cache_dir: hidden-pair cache whose manifest may identify the export's models.
 
     Returns:
@@ -253,90 +442,9 @@ def run_e2e(
         CheckpointError: the export does not fit the models.
         ValueError: bad ``max_new_tokens``, an unknown strategy, or no samples.
     """
-    checkpoint = check_export_fits(export, pair, cache_dir)
-    max_new = resolve_max_new_tokens(cfg.get("max_new_tokens"), pair.max_new_tokens)
-    strategies = parse_strategies(cfg["strategies"], cfg["decoding"], max_new, pair.eos_id)
+    setup = prepare_e2e(pair, export, cfg, cache_dir)
     samples = list(samples)
     if not samples:
         raise ValueError("no samples to evaluate: check split / start / n_scenes")
-    device = torch.device(cfg.get("device") or "cpu")
-    pair.target.model.to(device).eval()
-    pair.draft.model.to(device).eval()
-    adapter = export.adapter.to(device).eval()
-    spec = GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id)
-    drafter = AdapterDrafter(pair.draft, adapter, pair.target.logits)
-    run = _Runner(pair, drafter, spec, cfg.get("peers") or {})
-    probe = bool(cfg.get("cost_probe", True))
-    warnings = []
-    if max_new == 1:
-        warnings.append(
-            "max_new_tokens=1: the answer is the prefill's own token, so nothing is drafted; "
-            "speedups compare prefill-only runs"
-        )
-
-    records = []
-    methods = [Strategy(BASELINE, "baseline"), *strategies]
-    profile_models = pair_models(pair, adapter, samples[0])
-    with thread_budget(cfg.get("threads")):
-        t_in, d_in = _inputs(samples[0], pair, device)
-        for _ in range(int(cfg.get("warmup", 1))):
-            runs = {m.name: run(m, t_in, d_in) for m in methods}
-            if probe:
-                measure_costs(pair, t_in, d_in, runs[BASELINE]["tokens"])
-        # The speedup model's cost profile, measured in this run before and after the timing loop.
-        profiles = [_profile(profile_models, warnings)]
-        for i, sample in enumerate(tqdm(samples, desc="evaluate", unit="sample")):
-            t_in, d_in = _inputs(sample, pair, device)
-            order = methods[i % len(methods) :] + methods[: i % len(methods)]
-            runs = {m.name: run(m, t_in, d_in) for m in order}
-            base = runs.pop(BASELINE)
-            for record in runs.values():
-                record["lossless"] = record["tokens"] == base["tokens"]
-            records.append(
-                {
-                    "sample_id": sample.sample_id,
-                    "group": sample.group,
-                    "question_id": sample.question_id,
-                    "reference": sample.reference,
-                    "answer": pair.tokenizer.decode(base["tokens"], skip_special_tokens=True),
-                    "events_blank": blank_events(sample.event_pixels),
-                    "baseline": base,
-                    "strategies": {s.name: runs[s.name] for s in strategies},
-                    "costs": measure_costs(pair, t_in, d_in, base["tokens"]) if probe else None,
-                }
-            )
-        profiles.append(_profile(profile_models, warnings))
-
-    report = aggregate(records, {s.name: s.kind for s in strategies}, max_len=max_new)
-    blank = sum(r["events_blank"] for r in records)
-    if blank:
-        warnings.append(
-            f"{blank} of {len(records)} samples have no events (blank event images): the draft "
-            f"reads an empty scene there; outputs are still checked against the baseline"
-        )
-    profiles = [p for p in profiles if p is not None]
-    try:
-        if not profiles:
-            raise ValueError("no cost profile could be measured")
-        profile = mean_profile(profiles)
-        report["cost_profile"] = profile.to_dict()
-        acceptance = Acceptance.from_export(export.path)
-    except ValueError as err:  # e.g. an export without token-level curves
-        warnings.append(f"no predicted_speedup: {err}")
-    else:
-        sd_configs = {s.name: s.sd for s in strategies if s.kind == "sd"}
-        for name, pred in predicted_speedups(profile, acceptance, sd_configs, records).items():
-            report["strategies"][name]["predicted_speedup"] = pred
-    report["warnings"] = warnings + report["warnings"]
-    report["mode"] = "e2e"
-    report["checkpoint"] = checkpoint
-    report["config"] = {
-        "max_new_tokens": max_new,
-        "threads": cfg.get("threads"),
-        "warmup": int(cfg.get("warmup", 1)),
-        "device": str(device),
-        "order": "interleaved per sample, rotating",
-        "strategies": {s.name: (s.sd.name if s.sd else s.name) for s in strategies},
-        "events_blank_samples": blank,
-    }
-    return report, records
+    records, profiles, warnings = time_samples(setup, samples)
+    return summarize_e2e(setup, records, profiles, warnings), records

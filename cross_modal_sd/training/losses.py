@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 
 def position_weights(length: int, decay: float, device: torch.device | None = None) -> Tensor:
@@ -167,6 +168,27 @@ class AlignmentLoss(nn.Module):
             terms |= {f"next_{name}": value for name, value in nxt.items()}
         return {"loss": total, **terms}
 
+    def term_weights(self, terms: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        """``Σ_bt w_t m_bt`` of each term of :meth:`forward`'s output: what its mean divides by.
+
+        Args:
+            terms: :meth:`forward`'s output (its names say which terms and heads there are).
+            mask: (B, T) bool mask of the batch.
+        """
+        weights = position_weights(mask.shape[1], self.decay, mask.device)  # (T,)
+        align = (weights[None, :] * mask).sum()
+        nxt = (weights[None, 1:] * mask[:, 1:]).sum()
+        return {
+            name: nxt if name.startswith("next_") else align for name in terms if name != "loss"
+        }
+
+    def combine(self, means: dict[str, Tensor]) -> Tensor:
+        """The total loss from term means, weighted as :meth:`forward` weights them."""
+        align = {k: v for k, v in means.items() if not k.startswith("next_")}
+        nxt = {k[len("next_") :]: v for k, v in means.items() if k.startswith("next_")}
+        total = self._total(align)
+        return total + self.next_weight * self._total(nxt) if nxt else total
+
     def _terms(
         self,
         pred: Tensor,
@@ -188,3 +210,44 @@ class AlignmentLoss(nn.Module):
     def _total(self, terms: dict[str, Tensor]) -> Tensor:
         scale = {"cos": self.cos_weight, "mse": self.mse_weight, "ce": self.ce_weight}
         return sum(scale[name] * value for name, value in terms.items())
+
+
+class SplitLoss(Metric):
+    """An :class:`AlignmentLoss` over a whole split: each term's ``Σ w m x / Σ w m`` summed over
+    all batches before dividing, then combined as the loss combines them.
+
+    A mean of per-batch losses depends on how samples are batched, which differs between one
+    process and several (each rank batches its own share); these sums do not, and sum-reduce
+    across ranks exactly like the alignment metrics.
+
+    Args:
+        loss: the loss whose terms are accumulated.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    TERMS = ("cos", "mse", "ce", "next_cos", "next_mse", "next_ce")
+
+    def __init__(self, loss: AlignmentLoss, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.loss = loss
+        for name in ("num", "den"):
+            zeros = torch.zeros(len(self.TERMS), dtype=torch.float64)
+            self.add_state(name, default=zeros, dist_reduce_fx="sum")
+
+    def update(self, terms: dict[str, Tensor], mask: Tensor) -> None:
+        """Add one batch: :meth:`AlignmentLoss.forward`'s ``terms`` and the batch's (B, T) mask."""
+        for name, den in self.loss.term_weights(terms, mask).items():
+            k = self.TERMS.index(name)
+            den = den.detach().double()
+            self.num[k] += terms[name].detach().double() * den
+            self.den[k] += den
+
+    def compute(self) -> Tensor:
+        """The split's loss (float32); terms without valid positions count 0, as in a batch."""
+        means = {
+            name: self.num[k] / self.den[k] if self.den[k] > 0 else self.num[k]
+            for k, name in enumerate(self.TERMS)
+        }
+        return self.loss.combine(means).float()

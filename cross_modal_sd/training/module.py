@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cross_modal_sd.adapters import build_adapter
 from cross_modal_sd.metrics import DEFAULT_TAUS, AlignmentMetrics
-from cross_modal_sd.training.losses import AlignmentLoss
+from cross_modal_sd.training.losses import AlignmentLoss, SplitLoss
 from cross_modal_sd.training.schedule import resolve_warmup, warmup_cosine_schedule
 
 DEFAULT_OPTIMIZER = {
@@ -30,8 +30,10 @@ class AdapterModule(L.LightningModule):
     """An adapter, its loss, AdamW with a warm-up + cosine schedule, and validation metrics.
 
     Batches are :func:`cross_modal_sd.data.dataset.collate_pairs` dicts. Validation accumulates
-    :class:`~cross_modal_sd.metrics.AlignmentMetrics` over the whole val split and logs
-    ``val/<name>`` once per epoch; the epoch's results (scalars and per-position curves, plain
+    :class:`~cross_modal_sd.metrics.AlignmentMetrics` and ``val/loss`` (a
+    :class:`~cross_modal_sd.training.losses.SplitLoss`: the loss over the whole split, whatever
+    the batching) over the whole val split and logs ``val/<name>`` once per epoch; under DDP both
+    sum their states across ranks, so the values are one process's. The epoch's results (scalars and per-position curves, plain
     Python) are kept in :attr:`val_results` and saved into every Lightning checkpoint, so the
     best checkpoint carries the numbers it was chosen by.
 
@@ -101,6 +103,7 @@ class AdapterModule(L.LightningModule):
                 "answer position 0); the cache manifest's extra['prompt_last_token'] is missing"
             )
         self.val_metrics = AlignmentMetrics(lm_head_weight, taus, max_len, vocab_limit)
+        self.val_loss = SplitLoss(self.loss_fn)
         self.val_results: dict[str, Any] = {}
         self._step_terms: dict[str, Tensor] = {}
         self._step_batches = 0
@@ -160,16 +163,18 @@ class AdapterModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         heads = self.forward_heads(batch)
         terms = self.loss_fn(heads, batch["h_target"], batch["tokens"], batch["mask"], self.lm_head)
-        self.log("val/loss", terms["loss"], on_epoch=True, batch_size=len(batch["mask"]))
+        self.val_loss.update(terms, batch["mask"])
         self.val_metrics.update(heads["align"], batch["h_target"], batch["tokens"], batch["mask"])
 
     def on_validation_epoch_end(self) -> None:
-        # AlignmentMetrics sums its states over ranks in compute(), so every rank logs the same
-        # whole-split value and no further reduction is needed.
+        # Both metrics sum their states over ranks in compute(), so every rank logs the same
+        # whole-split value (one process's, to float rounding) and no further reduction is needed.
+        loss = float(self.val_loss.compute())
         scalars = {f"val/{k}": float(v) for k, v in self.val_metrics.compute().items()}
         curves = {f"val/{k}": v.tolist() for k, v in self.val_metrics.compute_curves().items()}
         self.val_metrics.reset()
-        self.log_dict(scalars, sync_dist=False)
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, **scalars}, sync_dist=False)
         self.val_results = {
             "epoch": self.current_epoch,
             "global_step": self.global_step,

@@ -150,6 +150,26 @@ def check_resume(ckpt_path: str | os.PathLike, module: AdapterModule) -> None:
         log.warning("ckpt_path=%s was trained on a cache with another manifest digest", ckpt_path)
 
 
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse multi-process training that Lightning would start by re-running this command
+    inside a Hydra multirun: each child would re-run the whole sweep.
+
+    Raises:
+        ValueError: a multirun job whose trainer has several processes and no external launcher
+            (torchrun, SLURM) that started them.
+    """
+    if not multirun_suffix() or trainer.world_size <= 1:
+        return
+    if trainer.strategy.cluster_environment.creates_processes_externally:
+        return
+    raise ValueError(
+        f"trainer with {trainer.world_size} processes inside a Hydra multirun on the local "
+        "launcher: Lightning would start the extra ranks by re-running the whole sweep. Run one "
+        "job per sweep point with hydra/launcher=slurm (tasks_per_node = trainer.devices), or "
+        "launch each point with torchrun"
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one adapter and export its best epoch.
 
@@ -197,6 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False
     )
+    check_launch(trainer)
 
     failed = True
     try:
@@ -205,7 +226,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         summary = _export(cfg, trainer, module, checkpoint, datamodule)
         for lg in loggers:
-            if isinstance(lg, WandbLogger):
+            # Other DDP ranks hold a placeholder W&B experiment without a summary.
+            if isinstance(lg, WandbLogger) and trainer.is_global_zero:
                 lg.experiment.summary.update(
                     {f"best/{k}": v for k, v in summary["best"]["metrics"].items()}
                     | {"best/epoch": summary["best"]["epoch"], "best_model": summary["best_model"]}
