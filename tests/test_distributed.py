@@ -1,5 +1,6 @@
 """Scaling out with 2 CPU processes: sharded extraction, DDP training and sharded E2E evaluation
 each give what one process gives on the same data, and a rank that dies is completed by a rerun.
+`hydra/launcher=slurm` runs through stand-in sbatch/srun/sacct commands (tests/fake_slurm.py).
 
 Child processes are forked (no re-import: seconds, not tens of seconds) and run with one
 intra-op thread, as the single-process references in this process do, so float results are
@@ -401,3 +402,160 @@ def test_sharded_evaluation_merges_into_the_single_process_report(
     for name in ("sd_fixed_draft_model", "sd_confidence_draft_model"):
         for key in ("tokens", "accept_rate", "tau", "accepted_length_hist"):
             assert report["strategies"][name][key] == single["strategies"][name][key], (name, key)
+
+
+def test_local_multirun_refuses_a_self_relaunching_ddp_trainer(tmp_path):
+    """On Hydra's local launcher Lightning would start rank 1 by re-running `train.py -m ...`,
+    i.e. the whole sweep again: check_launch stops the job before any process is started."""
+    from test_train_cli import REPO
+    from test_training import write_aligned_cache
+
+    cache = write_aligned_cache(tmp_path / "cache", n_groups=10, per_group=4)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "experiment=smoke",
+            "trainer=ddp_cpu",
+            "adapter=L1",
+            "data=cache",
+            f"data.cache_dir={cache}",
+            "logger=none",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}",
+            f"export_dir={tmp_path}/exports/${{run_name}}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "trainer with 2 processes inside a Hydra multirun on the local launcher" in proc.stderr
+    assert "Initializing distributed" not in proc.stderr  # no rank was started
+    assert not (tmp_path / "exports").exists()
+
+
+# ------------------------------------------------------------------------------ SLURM (stand-in)
+
+
+def test_slurm_sweep_runs_each_point_as_a_ddp_job(tmp_path):
+    """`train.py -m hydra/launcher=slurm` through stand-in sbatch/srun/sacct (tests/fake_slurm.py):
+    one array job for the sweep, the launcher settings in its #SBATCH lines, and each point a
+    2-task job that Lightning runs as DDP (SLURM's ranks, no self-relaunch) and exports."""
+    from fake_slurm import install, sbatch_options, slurm_env
+    from test_train_cli import REPO
+    from test_training import write_aligned_cache
+
+    cache = write_aligned_cache(tmp_path / "cache", n_groups=10, per_group=4)
+    slurm = install(tmp_path / "slurm")
+    setup_log = tmp_path / "setup.log"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "hydra/launcher=slurm",
+            "experiment=smoke",
+            "trainer=ddp_cpu",
+            "adapter=L1,L2",
+            "data=cache",
+            f"data.cache_dir={cache}",
+            "data.batch_size=8",
+            "data.val_fraction=0.2",
+            "trainer.max_epochs=1",
+            "logger=none",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}",
+            f"export_dir={tmp_path}/exports/${{run_name}}",
+            "hydra.launcher.partition=debug",
+            "hydra.launcher.account=cmsd",
+            "hydra.launcher.timeout_min=7",
+            "hydra.launcher.tasks_per_node=2",  # = trainer.devices of ddp_cpu
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.mem_gb=2",
+            "hydra.launcher.array_parallelism=1",  # one point at a time on these 2 cores
+            f'hydra.launcher.setup=["echo $SLURM_ARRAY_TASK_ID >> {setup_log}"]',
+        ],
+        cwd=REPO,
+        env=slurm_env(slurm),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    jobs = "\n".join(p.read_text()[-2000:] for p in sorted(slurm.glob("job-*.out")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + jobs
+
+    (options,) = sbatch_options(slurm)  # the whole sweep is one array job
+    assert options["array"] == "0-1%1"
+    assert options["job-name"] == "train"
+    assert {k: options[k] for k in ("partition", "account", "time", "mem")} == {
+        "partition": "debug",
+        "account": "cmsd",
+        "time": "7",
+        "mem": "2GB",
+    }
+    assert (options["nodes"], options["ntasks-per-node"], options["cpus-per-task"]) == (
+        "1",
+        "2",
+        "1",
+    )
+    assert "gpus-per-node" not in options
+    assert sorted(setup_log.read_text().split()) == ["0", "1"]  # setup ran in each array task
+
+    exports = sorted((tmp_path / "exports").glob("*/best_model.pt"))
+    assert [p.parent.name.split("-")[0] for p in exports] == ["L1", "L2"]
+    n_train = 40 - 8  # 2 of 10 scenes held out, 4 questions each
+    for export in exports:
+        metrics = json.loads((export.parent / "metrics.json").read_text())
+        payload = torch.load(export, weights_only=True)
+        assert payload["adapter_config"]["name"] == metrics["adapter"] == export.parent.name[:2]
+        # Two ranks shared the epoch: 2 steps of 8 samples each (one process would take 4).
+        assert metrics["global_step"] == -(-n_train // 16)
+
+
+def test_slurm_array_extraction_equals_single_process(small_world_cfg, single_cache, tmp_path):
+    """`python -m cross_modal_sd.extract -m hydra/launcher=slurm 'shard.rank=range(2)'`: one
+    array task per rank through the stand-in cluster; the merged cache is the single run's."""
+    from fake_slurm import install, sbatch_options, slurm_env
+    from test_train_cli import REPO
+
+    conf = tmp_path / "conf"
+    (conf / "models").mkdir(parents=True)
+    (conf / "models" / "small.yaml").write_text(OmegaConf.to_yaml(small_world_cfg))
+    slurm = install(tmp_path / "slurm")
+    out = tmp_path / "cache"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cross_modal_sd.extract",
+            "--config-dir",
+            str(conf),
+            "-m",
+            "hydra/launcher=slurm",
+            "models=small",
+            "data.source_split=train",
+            "data.start=600",
+            f"data.n_scenes={N_SCENES}",
+            f"out_dir={out}",
+            "shard_samples=2",
+            "shard.world_size=2",
+            "shard.rank=range(2)",
+            "hydra.launcher.gpus_per_node=null",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        ],
+        cwd=REPO,
+        env=slurm_env(slurm),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    jobs = "\n".join(p.read_text()[-2000:] for p in sorted(slurm.glob("job-*.out")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + jobs
+    (options,) = sbatch_options(slurm)
+    assert options["array"] == "0-1%2"  # both ranks at once (array_parallelism 16)
+    parts = sorted(p.name for p in (out / PARTS_DIR).iterdir() if p.is_dir())
+    assert parts == ["rank-00000-of-00002", "rank-00001-of-00002"]
+    assert_same_rows(HiddenPairCache(out), single_cache)
