@@ -38,6 +38,7 @@ from cross_modal_sd.data.sharding import (
     missing_ranks,
     request_digest,
     resolve_shard,
+    select_local_gpu,
 )
 from cross_modal_sd.models.generation import greedy_kwargs
 from cross_modal_sd.models.prompts import (
@@ -223,6 +224,7 @@ def extract(cfg: DictConfig) -> dict:
         ``total_samples`` (of the merged cache, when merged).
     """
     shard = resolve_shard(cfg.get("shard"))
+    select_local_gpu()
     out = Path(cfg.out_dir)
     # Once a cache has parts, every later run (a single process too) adds a part of its own.
     sharded = shard.world_size > 1 or (out / PARTS_DIR).is_dir()

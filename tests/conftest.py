@@ -7,8 +7,8 @@ SMALL_WORLD = {
     "val_scenes": 4,
     "test_scenes": 4,
     "max_new_tokens": 24,
-    "target_train": {"steps": 40, "batch_size": 8, "lr": 3e-3},
-    "draft_train": {"steps": 40, "batch_size": 8, "lr": 3e-3},
+    "target_train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "perception_steps": 20},
+    "draft_train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "perception_steps": 20},
 }
 
 

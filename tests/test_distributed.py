@@ -124,6 +124,25 @@ def test_shard_comes_from_config_then_torchrun_env(monkeypatch):
         resolve_shard({"rank": 0, "world_size": None})
 
 
+def test_each_local_rank_makes_its_own_gpu_current(monkeypatch):
+    from cross_modal_sd.data import sharding
+
+    chosen = []
+    monkeypatch.setattr(sharding.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sharding.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(sharding.torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    assert sharding.select_local_gpu() is None  # a plain process keeps the default GPU
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert sharding.select_local_gpu() == 2
+    monkeypatch.setenv("LOCAL_RANK", "5")  # torchrun's variable wins; wraps past the GPU count
+    assert sharding.select_local_gpu() == 1
+    assert chosen == [2, 1]
+    monkeypatch.setattr(sharding.torch.cuda, "is_available", lambda: False)
+    assert sharding.select_local_gpu() is None and chosen == [2, 1]
+
+
 # ---------------------------------------------------------------------------------- extraction
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 DONE_SUFFIX = ".done.json"
@@ -78,6 +79,21 @@ def resolve_shard(shard_cfg: Mapping[str, Any] | None = None) -> Shard:
     if rank is None:
         rank, world = os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1)
     return Shard(int(rank), int(world))
+
+
+def select_local_gpu() -> int | None:
+    """Under torchrun or srun on a multi-GPU node, make this process's GPU the current CUDA device.
+
+    Every rank is configured with the same ``device: cuda``; with GPU ``LOCAL_RANK`` (torchrun)
+    or ``SLURM_LOCALID`` (srun) current, ``cuda`` means this rank's own GPU instead of GPU 0 for
+    all. Returns the selected index, or None (no CUDA, or no local rank in the environment).
+    """
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    if local is None or not torch.cuda.is_available():
+        return None
+    index = int(local) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return index
 
 
 def request_digest(request: Mapping[str, Any] | DictConfig) -> str:

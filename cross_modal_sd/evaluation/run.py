@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cross_modal_sd.data.sharding import resolve_shard
+from cross_modal_sd.data.sharding import resolve_shard, select_local_gpu
 from cross_modal_sd.evaluation.checkpoint import load_export, resolve_checkpoint
 from cross_modal_sd.evaluation.e2e import resolve_max_new_tokens, run_e2e
 from cross_modal_sd.evaluation.offline import run_offline
@@ -53,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "e2e":
         resolve_max_new_tokens(cfg.max_new_tokens, 1)  # bad values fail before the models load
         shard = resolve_shard(cfg.get("shard"))
+        select_local_gpu()
         pair = load_pair(cfg.models)
         if shard.world_size > 1:
             out_dir = Path(cfg.shard.get("dir") or cfg.output_dir)

@@ -131,14 +131,26 @@ class EventGPT(nn.Module):
         event_pixels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ):
-        """Teacher-forced forward; `labels` are aligned with `input_ids` (placeholder included)."""
-        embeds, mask = self.embed(input_ids, event_pixels, attention_mask)
+        """Teacher-forced forward; `labels` are aligned with `input_ids` (placeholder included).
+
+        `attention_mask` is (B, L) over `input_ids`, or a prepared (B, 1, L', L') mask over the
+        spliced sequence (L' = L - 1 + T + S) that goes to the language model as is, as do
+        `position_ids` (B, L').
+        """
+        prepared = attention_mask is not None and attention_mask.ndim == 4
+        embeds, mask = self.embed(input_ids, event_pixels, None if prepared else attention_mask)
         if labels is not None:
             n_extra = embeds.shape[1] - input_ids.shape[1]
             pad = labels.new_full((labels.shape[0], n_extra), -100)
             labels = torch.cat([pad, labels], dim=1)  # prompt positions are ignored anyway
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask if prepared else mask,
+            position_ids=position_ids,
+            labels=labels,
+        )
 
 
 def _to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,21 +28,26 @@ from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_v
 from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
 from cross_modal_sd.world.dataset import SceneViews, render_scene
+from cross_modal_sd.world.perception import Perception
 from cross_modal_sd.world.qa import questions
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
-BUILD_FORMAT = 2  # bump when the build code changes what a given config produces
+BUILD_FORMAT = 3  # bump when the build code changes what a given config produces
 DEFAULT_ROOT = Path("checkpoints/mini")
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimiser settings for one model (AdamW, one-cycle)."""
+    """Optimiser settings for one model (AdamW, one-cycle). The perception read-outs
+    (`cross_modal_sd.world.perception`) first train the vision side alone for
+    `perception_steps`, then add their loss, scaled by `perception_weight`, to the answers'."""
 
     steps: int = 600
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
+    perception_steps: int = 600
+    perception_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -174,141 +179,246 @@ def verify_build(root: Path) -> None:
 
 
 @dataclass
-class _Turn:
-    prompt: list[int]
-    answer: list[int]  # answer ids followed by EOS
+class _Scene:
+    """One scene's questions as training tokens: the prompt part all its questions share (the
+    visual prompt) and, per question, the rest of its single-turn prompt and its answer + EOS."""
+
+    prefix: list[int]
+    turns: list[tuple[list[int], list[int]]]
 
 
-def _conversations(scenes: list[SceneViews], first_prompt, tokenizer) -> list[list[_Turn]]:
-    """Per scene, every question as one turn; turns after the first omit the visual prompt.
-
-    Training on multi-turn conversations (as LLaVA-style instruction data does) reads each clip
-    once for all of its questions, several times cheaper than one sequence per question.
-    """
-    convs = []
+def _scene_turns(scenes: list[SceneViews], prompt, tokenizer) -> list[_Scene]:
+    """Every question of every scene, split after the prompt ids its scene's questions share."""
+    out = []
     for v in scenes:
-        turns = []
-        for qa in questions(v.scene):
-            answer = tokenizer(qa.answer, add_special_tokens=False).input_ids
-            later = tokenizer(f"USER: {qa.question} ASSISTANT:", add_special_tokens=False).input_ids
-            turns.append((first_prompt(qa.question), later, answer + [tokenizer.eos_token_id]))
-        convs.append(turns)
-    return convs
+        qas = questions(v.scene)
+        prompts = [prompt(qa.question) for qa in qas]
+        shared = 0
+        while all(len(p) > shared and p[shared] == prompts[0][shared] for p in prompts):
+            shared += 1
+        answers = [tokenizer(qa.answer, add_special_tokens=False).input_ids for qa in qas]
+        turns = [
+            (p[shared:], a + [tokenizer.eos_token_id])
+            for p, a in zip(prompts, answers, strict=True)
+        ]
+        out.append(_Scene(prompts[0][:shared], turns))
+    return out
 
 
-def _batch(convs, scene_ids: list[int], gen: torch.Generator, pad_id: int):
-    """Right-padded ids, mask and labels of shuffled conversations (labels only on answers)."""
-    seqs = []
+def shared_prefix_attention(blocks: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Additive attention mask and position ids that make each question an independent sequence.
+
+    A row holds a scene's shared prompt (block 0), then its questions (blocks 1, 2, ...), then
+    padding (-1). Each token attends causally to the shared prompt and to its own block only, and
+    its position continues from the shared prompt, so every question is trained exactly as its
+    own single-turn sequence while the visual prompt is computed once per scene.
+
+    Args:
+        blocks: (B, L) block id of every token.
+        dtype: dtype of the mask.
+
+    Returns:
+        (B, 1, L, L) mask (0 where attended, the dtype's minimum elsewhere) and (B, L) positions.
+    """
+    length = blocks.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = blocks[:, :, None] == blocks[:, None, :]
+    allowed = causal & (same | (blocks[:, None, :] == 0)) & (blocks[:, None, :] >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself (no empty rows)
+    positions = (allowed.sum(-1) - 1).masked_fill(blocks < 0, 0)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None], positions
+
+
+def _batch(scenes: list[_Scene], scene_ids: list[int], pad_id: int, expand: int = 0):
+    """Right-padded ids and labels (answers only) of the scenes' questions, with the attention
+    mask and positions of `shared_prefix_attention`. `expand` is the number of tokens the model
+    adds to the shared prompt when it splices visual tokens in (the mask covers them)."""
+    rows = []
     for i in scene_ids:
-        turns = convs[i]
-        order = torch.randperm(len(turns), generator=gen).tolist()
-        ids: list[int] = []
-        labels: list[int] = []
-        for n, k in enumerate(order):
-            first, later, answer = turns[k]
-            prompt = first if n == 0 else later
+        scene = scenes[i]
+        ids, labels, blocks = (
+            list(scene.prefix),
+            [-100] * len(scene.prefix),
+            [0] * len(scene.prefix),
+        )
+        for k, (prompt, answer) in enumerate(scene.turns, start=1):
             ids += prompt + answer
             labels += [-100] * len(prompt) + answer
-        seqs.append((ids, labels))
-    length = max(len(a) for a, _ in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for r, (a, b) in enumerate(seqs):
+            blocks += [k] * (len(prompt) + len(answer))
+        rows.append((ids, labels, [0] * expand + blocks))
+    length = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    blocks = torch.full((len(rows), length + expand), -1, dtype=torch.long)
+    for r, (a, b, c) in enumerate(rows):
         ids[r, : len(a)] = torch.tensor(a)
         labels[r, : len(b)] = torch.tensor(b)
-        mask[r, : len(a)] = 1
-    return ids, mask, labels
+        blocks[r, : len(c)] = torch.tensor(c)
+    mask, positions = shared_prefix_attention(blocks)
+    return ids, labels, mask, positions
 
 
 def train_vlm(
     model,
-    convs,
+    scenes: list[_Scene],
     visuals: torch.Tensor,
     visual_kw: str,
     spec: TrainSpec,
     seed: int,
     pad_id: int,
+    expand: int = 0,
     report=None,
+    perception: Perception | None = None,
 ) -> list[float]:
-    """Teacher-forced cross-entropy on answers; returns the loss per step.
+    """Teacher-forced cross-entropy on answers (plus the perception read-outs' loss, weighted by
+    ``spec.perception_weight``); returns the answer loss per step.
+
+    Every step reads `spec.batch_size` scenes, each with all of its questions as independent
+    single-turn sequences sharing one visual prompt (`shared_prefix_attention`).
 
     Args:
-        model: the VLM (its forward takes input_ids, attention_mask, labels and `visual_kw`).
-        convs: per-scene conversations from `_conversations`.
-        visuals: (n_scenes, ...) pixel tensors, indexed like `convs`.
+        model: the VLM (its forward takes input_ids, a 4D attention_mask, position_ids, labels
+            and `visual_kw`).
+        scenes: per-scene tokens from `_scene_turns`.
+        visuals: (n_scenes, ...) pixel tensors, indexed like `scenes`.
         visual_kw: name of the pixel argument of the model's forward.
         spec: optimiser settings.
-        seed: seeds batch sampling and turn order.
+        seed: seeds batch sampling.
         pad_id: padding id.
+        expand: tokens the model adds to the prompt when it splices the visual tokens in.
         report: optional callable(step, loss) for progress.
+        perception: read-outs trained with the model (their heads are not part of it).
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    params = list(model.parameters())
+    params += [] if perception is None else list(perception.heads.parameters())
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    if perception is not None and spec.perception_steps:
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        n = spec.batch_size * perception.images_per_scene
+        for step in range(spec.perception_steps):
+            loss = perception.pretrain_step(visuals, n, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if report is not None:
+                report(step + 1, loss.item())
+    if perception is not None and spec.perception_weight:
+        seen, handle = perception.capture()
+    else:
+        seen, handle = None, None
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1
     )
     losses = []
     for step in range(spec.steps):
-        scene_ids = torch.randint(len(convs), (spec.batch_size,), generator=gen).tolist()
-        ids, mask, labels = _batch(convs, scene_ids, gen, pad_id)
+        scene_ids = torch.randint(len(scenes), (spec.batch_size,), generator=gen).tolist()
+        ids, labels, mask, positions = _batch(scenes, scene_ids, pad_id, expand)
         loss = model(
-            input_ids=ids, attention_mask=mask, labels=labels, **{visual_kw: visuals[scene_ids]}
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            labels=labels,
+            **{visual_kw: visuals[scene_ids]},
         ).loss
+        total = loss
+        if seen is not None:
+            aux = perception.loss(seen["tokens"], torch.tensor(scene_ids))
+            total = loss + spec.perception_weight * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         if report is not None:
-            report(step + 1, float(np.mean(losses[-20:])))
+            report(spec.perception_steps + step + 1, float(np.mean(losses[-20:])))
+    if handle is not None:
+        handle.remove()
     model.eval()
     return losses
 
 
 def _train_worker(kind: str, config: dict, out_dir: str, queue) -> None:
-    """Trains and saves one model in its own process (one intra-op thread: the two models train
-    side by side on a 2-core machine, and tiny ops on oversubscribed threads stall badly)."""
+    """Trains and saves one model in its own process.
+
+    One intra-op thread each (the two models train side by side on a 2-core machine, and tiny ops
+    on oversubscribed threads stall badly), except that the target takes a second thread for its
+    last third of answer steps, by when the cheaper draft has finished on such a machine. The
+    switch is at a fixed step, not at the draft's end, so a build stays deterministic.
+    """
     torch.set_num_threads(1)
     cfg = MiniWorldConfig.from_dict(config)
+    second_thread_at = cfg.target_train.perception_steps + 2 * cfg.target_train.steps // 3
+
+    def report(step, loss):
+        if kind == "target" and step == second_thread_at:
+            torch.set_num_threads(min(2, os.cpu_count() or 1))
+        queue.put((kind, step, loss))
+
     tok = build_tokenizer()
     world = MiniWorld(Path(out_dir), cfg, tok)
-    scenes = world.scenes("train")
+    views = world.scenes("train")
     if kind == "target":
         model = build_target(
             tok, cfg.target_tower, cfg.target_decoder, cfg.image_size, cfg.n_frames
         )
-        convs = _conversations(
-            scenes, lambda q: encode_target_prompt(tok, q, world.n_video_tokens), tok
+        scenes = _scene_turns(
+            views, lambda q: encode_target_prompt(tok, q, world.n_video_tokens), tok
         )
+        expand = 0  # the prompt already holds one <video> id per visual token
         visuals, kw, spec = (
-            torch.stack([v.frames for v in scenes]),
+            torch.stack([v.frames for v in views]),
             "pixel_values_videos",
             cfg.target_train,
+        )
+        tap, encode, tower, width, sensor, images = (
+            model.model.multi_modal_projector,
+            lambda px: model.model.multi_modal_projector(
+                model.model.video_tower(pixel_values=px.flatten(0, 1)).last_hidden_state
+            ),
+            cfg.target_tower,
+            cfg.target_decoder.hidden,
+            "rgb",
+            cfg.n_frames,
         )
     else:
         model = build_draft(
             tok, cfg.draft_tower, cfg.draft_decoder, cfg.image_size, cfg.event_frames
         )
-        convs = _conversations(scenes, lambda q: encode_draft_prompt(tok, q), tok)
+        scenes = _scene_turns(views, lambda q: encode_draft_prompt(tok, q), tok)
+        # One <event> placeholder becomes T temporal + S spatial tokens.
+        expand = cfg.event_frames + cfg.draft_tower.tokens(cfg.image_size) - 1
         visuals, kw, spec = (
-            torch.stack([v.event_pixels for v in scenes]),
+            torch.stack([v.event_pixels for v in views]),
             "event_pixels",
             cfg.draft_train,
         )
+        tap, encode, tower, width, sensor, images = (
+            model.encoder.feature_adaptor,
+            model.encoder,
+            cfg.draft_tower,
+            cfg.draft_decoder.hidden,
+            "events",
+            cfg.event_frames,
+        )
+    grid = cfg.image_size // tower.patch
+    perception = Perception.for_scenes(tap, encode, width, views, sensor, images, grid)
     seed = cfg.seed + (0 if kind == "target" else 1)
     losses = train_vlm(
         model,
-        convs,
+        scenes,
         visuals,
         kw,
         spec,
         seed,
         tok.pad_token_id,
-        report=lambda step, loss: queue.put((kind, step, loss)),
+        expand,
+        report=report,
+        perception=perception,
     )
     if kind == "target":
         model.save_pretrained(world.target_dir, safe_serialization=True)
@@ -326,7 +436,8 @@ def _train_both(config: MiniWorldConfig, out_dir: Path) -> None:
     queue = ctx.Queue()
     procs = {
         kind: ctx.Process(
-            target=_train_worker, args=(kind, dataclasses.asdict(config), str(out_dir), queue)
+            target=_train_worker,
+            args=(kind, dataclasses.asdict(config), str(out_dir), queue),
         )
         for kind in ("target", "draft")
     }
@@ -344,11 +455,13 @@ def _train_both(config: MiniWorldConfig, out_dir: Path) -> None:
         tasks = {
             "target": progress.add_task(
                 "train mini target (Video-LLaVA)",
-                total=config.target_train.steps,
+                total=config.target_train.perception_steps + config.target_train.steps,
                 loss=float("nan"),
             ),
             "draft": progress.add_task(
-                "train mini draft (EventGPT)", total=config.draft_train.steps, loss=float("nan")
+                "train mini draft (EventGPT)",
+                total=config.draft_train.perception_steps + config.draft_train.steps,
+                loss=float("nan"),
             ),
         }
         done: set[str] = set()
