@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,22 @@ def test_changed_config_gets_its_own_build():
     with pytest.raises(ValueError, match="unknown mini-world config keys"):
         MiniWorldConfig.from_dict({"sede": 1})
 
+
+
+def test_build_is_deterministic_from_its_seed(small_world_cfg, tmp_path):
+    """A second build of the same config writes the same weights and losses, byte for byte
+    (the models train in two processes that switch thread counts at fixed steps)."""
+    import json
+
+    cfg = _world_cfg(small_world_cfg)
+    again = build_mini_world(cfg, root=tmp_path, log=lambda *_: None)
+    first = json.loads((Path(small_world_cfg.root) / cfg.digest() / "BUILD.json").read_text())
+    second = json.loads((again.root / "BUILD.json").read_text())
+    compared = [k for k in first["files"] if k.endswith((".safetensors", "_losses.json"))]
+    assert len(compared) == 4
+    assert {k: second["files"][k]["sha256"] for k in compared} == {
+        k: first["files"][k]["sha256"] for k in compared
+    }
 
 def test_greedy_outputs_are_reproducible_across_loads(small_world_cfg):
     outs = []
