@@ -51,7 +51,6 @@ def test_changed_config_gets_its_own_build():
         MiniWorldConfig.from_dict({"sede": 1})
 
 
-
 def test_build_is_deterministic_from_its_seed(small_world_cfg, tmp_path):
     """A second build of the same config writes the same weights and losses, byte for byte
     (the models train in two processes that switch thread counts at fixed steps)."""
@@ -66,6 +65,7 @@ def test_build_is_deterministic_from_its_seed(small_world_cfg, tmp_path):
     assert {k: second["files"][k]["sha256"] for k in compared} == {
         k: first["files"][k]["sha256"] for k in compared
     }
+
 
 def test_greedy_outputs_are_reproducible_across_loads(small_world_cfg):
     outs = []
