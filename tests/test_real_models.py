@@ -44,10 +44,9 @@ from cross_modal_sd.models.loading import (
     load_eventgpt,
     load_videollava,
 )
-from cross_modal_sd.models.prompts import EVENT_PLACEHOLDER_ID, draft_prompt
+from cross_modal_sd.models.prompts import EVENT_PLACEHOLDER_ID, draft_prompt, encode_draft_prompt
 from cross_modal_sd.models.real import (
     clip_preprocess,
-    encode_eventgpt_prompt,
     eventgpt_chunk_bounds,
     eventgpt_event_images,
     read_added_tokens,
@@ -342,7 +341,7 @@ def test_eventgpt_sharded_bin_with_separate_clip_equals_reference(ckpts):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpts["target"])
-    ids = torch.tensor([encode_eventgpt_prompt(tok, "what is ahead?", (32001, 32002))])
+    ids = torch.tensor([encode_draft_prompt(tok, "what is ahead?", (32001, 32002))])
     ev = torch.randn(1, 5, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = model(ids, ev).logits
@@ -459,7 +458,7 @@ def test_eventgpt_prompt_keeps_the_text_around_the_placeholder(ckpts):
 
     tok = AutoTokenizer.from_pretrained(ckpts["target"])
     q = "what is ahead?"
-    ids = encode_eventgpt_prompt(tok, q, wrap=(32001, 32002))
+    ids = encode_draft_prompt(tok, q, wrap=(32001, 32002))
     i = ids.index(EVENT_PLACEHOLDER_ID)
     assert ids[i - 1 : i + 2] == [32001, EVENT_PLACEHOLDER_ID, 32002]
     assert (
@@ -467,14 +466,14 @@ def test_eventgpt_prompt_keeps_the_text_around_the_placeholder(ckpts):
     )  # BOS + system + USER:
     tail = ids[i + 2 :]
     assert tail[0] != tok.bos_token_id and tok.decode(tail) == f"\n{q} ASSISTANT:"
-    # The mini world's word-level tokenizer gives what its own encoder gives.
-    from cross_modal_sd.models.prompts import encode_draft_prompt
+    # The mini world's word-level tokenizer: BOS, the words, the placeholder, no second BOS.
     from cross_modal_sd.world.tokenizer import build_tokenizer
 
     mini = build_tokenizer()
-    assert encode_eventgpt_prompt(mini, "what colour is the car ?") == encode_draft_prompt(
-        mini, "what colour is the car ?"
-    )
+    ids = encode_draft_prompt(mini, "what colour is the car ?")
+    i = ids.index(EVENT_PLACEHOLDER_ID)
+    assert ids[0] == mini.bos_token_id and mini.bos_token_id not in ids[1:]
+    assert mini.decode(ids[i + 1 :]) == "what colour is the car ? ASSISTANT:"
 
 
 def test_added_tokens_are_read_without_a_tokenizer_library(ckpts):
@@ -644,9 +643,7 @@ def test_gpu_check_dry_run_on_cpu_writes_its_report(ckpts, dsec_root, tmp_path):
     tok, q = AutoTokenizer.from_pretrained(ckpts["target"]), gpu_check.QUESTION
     assert costs["target_prompt_positions"] == len(encode_target_prompt(tok, q, 8 * 5))
     # The placeholder becomes 5 temporal + 5 spatial event tokens.
-    assert (
-        costs["draft_prompt_positions"] == len(encode_eventgpt_prompt(tok, q, (32001, 32002))) + 9
-    )
+    assert costs["draft_prompt_positions"] == len(encode_draft_prompt(tok, q, (32001, 32002))) + 9
     for key in ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms"):
         assert costs[key] > 0
 

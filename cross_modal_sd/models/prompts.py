@@ -37,9 +37,18 @@ def encode_target_prompt(tokenizer, question: str, n_video_tokens: int) -> list[
     return ids[:i] + [video_id] * n_video_tokens + ids[i + 1 :]
 
 
-def encode_draft_prompt(tokenizer, question: str, system: str = VICUNA_SYSTEM) -> list[int]:
-    """Token ids of the draft prompt with the event placeholder as EVENT_PLACEHOLDER_ID."""
-    before, after = draft_prompt(question, system).split(EVENT_TOKEN)
-    head = tokenizer(before.rstrip()).input_ids
-    tail = tokenizer(after.strip(), add_special_tokens=False).input_ids
-    return head + [EVENT_PLACEHOLDER_ID] + tail
+def encode_draft_prompt(tokenizer, question: str, wrap: tuple[int, int] | None = None) -> list[int]:
+    """EventGPT's prompt ids: the text on either side of `<event>` tokenised separately.
+
+    Each side is tokenised as a whole text (so the trailing space before `<event>` and the newline
+    after it keep their tokens), the second side's BOS is dropped and the placeholder id -200 goes
+    between them, wrapped in (`<ev_start>`, `<ev_end>`) ids when the checkpoint uses them. The
+    same function serves the real Vicuna tokenizer and the mini world's word-level one.
+    """
+    before, after = draft_prompt(question).split(EVENT_TOKEN)
+    head = tokenizer(before).input_ids
+    tail = tokenizer(after).input_ids
+    if tail and tail[0] == tokenizer.bos_token_id:
+        tail = tail[1:]
+    middle = [EVENT_PLACEHOLDER_ID] if wrap is None else [wrap[0], EVENT_PLACEHOLDER_ID, wrap[1]]
+    return head + middle + tail

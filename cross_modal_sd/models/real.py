@@ -31,11 +31,9 @@ from cross_modal_sd.models.eventgpt import EventGPT
 from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_videollava
 from cross_modal_sd.models.preprocess import frames_to_pixels
 from cross_modal_sd.models.prompts import (
-    EVENT_PLACEHOLDER_ID,
-    EVENT_TOKEN,
     IMAGE_TOKEN,
     VIDEO_TOKEN,
-    draft_prompt,
+    encode_draft_prompt,
     encode_target_prompt,
 )
 
@@ -102,24 +100,6 @@ def eventgpt_event_images(
 # ------------------------------------------------------------------------------------ prompts
 
 
-def encode_eventgpt_prompt(
-    tokenizer, question: str, wrap: tuple[int, int] | None = None
-) -> list[int]:
-    """EventGPT's prompt ids: the text on either side of `<event>` tokenised separately.
-
-    Each side is tokenised as a whole text (so the trailing space before `<event>` and the newline
-    after it keep their tokens), the second side's BOS is dropped and the placeholder id -200 goes
-    between them, wrapped in (`<ev_start>`, `<ev_end>`) ids when the checkpoint uses them.
-    """
-    before, after = draft_prompt(question).split(EVENT_TOKEN)
-    head = tokenizer(before).input_ids
-    tail = tokenizer(after).input_ids
-    if tail and tail[0] == tokenizer.bos_token_id:
-        tail = tail[1:]
-    middle = [EVENT_PLACEHOLDER_ID] if wrap is None else [wrap[0], EVENT_PLACEHOLDER_ID, wrap[1]]
-    return head + middle + tail
-
-
 def read_added_tokens(directory: str | Path) -> dict[str, int]:
     """Added tokens of a checkpoint's tokenizer (token -> id), read from its JSON files.
 
@@ -173,7 +153,7 @@ class RealInputs:
 
     def draft_ids(self, question: str) -> torch.Tensor:
         """(1, L) draft prompt holding the event placeholder."""
-        return torch.tensor([encode_eventgpt_prompt(self.tokenizer, question, self.event_wrap)])
+        return torch.tensor([encode_draft_prompt(self.tokenizer, question, self.event_wrap)])
 
     def frames(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (F, H, W, 3) RGB frames -> (1, F, 3, frame_size, frame_size)."""
