@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 SBATCH = r"""#!/usr/bin/env bash
@@ -158,6 +160,22 @@ def slurm_env(root: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1",
     )
     return env
+
+
+def submit(root: Path, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Runs ``python <argv>`` (a Hydra multirun on ``hydra/launcher=slurm``) against the
+    stand-ins of ``root``; fails with the command's and the jobs' output unless it succeeded."""
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=cwd,
+        env=slurm_env(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    jobs = "\n".join(p.read_text()[-2000:] for p in sorted(root.glob("job-*.out")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + jobs
+    return proc
 
 
 def sbatch_options(root: Path) -> list[dict[str, str]]:
