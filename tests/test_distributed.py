@@ -13,8 +13,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -251,7 +249,7 @@ def test_distributed_samplers_split_without_overlap():
 def test_ddp_training_validates_like_one_process(tmp_path):
     import lightning as L
     from omegaconf import open_dict
-    from test_train_cli import REPO
+    from test_train_cli import run_train
     from test_training import make_cfg, read_csv_log, write_aligned_cache
 
     from cross_modal_sd.training import load_checkpoint
@@ -273,17 +271,8 @@ def test_ddp_training_validates_like_one_process(tmp_path):
         f"hydra.run.dir={run}",
         f"export_dir={tmp_path / 'export'}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Lightning starts rank 1 by re-running this command (its launcher for `devices: 2`).
-    proc = subprocess.run(
-        [sys.executable, "train.py", "trainer=ddp_cpu", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_train(tmp_path, "trainer=ddp_cpu", *overrides)
     summary = json.loads((tmp_path / "export" / "metrics.json").read_text())
     n_train = len(HiddenPairCache(cache)) - 16  # 4 of 20 scenes held out, 4 questions each
     # Each rank ran half of every epoch: 64 train samples, 4 steps of 8 samples per rank.
@@ -426,29 +415,22 @@ def test_sharded_evaluation_merges_into_the_single_process_report(
 def test_local_multirun_refuses_a_self_relaunching_ddp_trainer(tmp_path):
     """On Hydra's local launcher Lightning would start rank 1 by re-running `train.py -m ...`,
     i.e. the whole sweep again: check_launch stops the job before any process is started."""
-    from test_train_cli import REPO
+    from test_train_cli import run_train
     from test_training import write_aligned_cache
 
     cache = write_aligned_cache(tmp_path / "cache", n_groups=10, per_group=4)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "experiment=smoke",
-            "trainer=ddp_cpu",
-            "adapter=L1",
-            "data=cache",
-            f"data.cache_dir={cache}",
-            "logger=none",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}",
-            f"export_dir={tmp_path}/exports/${{run_name}}",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_train(
+        tmp_path,
+        "-m",
+        "experiment=smoke",
+        "trainer=ddp_cpu",
+        "adapter=L1",
+        "data=cache",
+        f"data.cache_dir={cache}",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        f"export_dir={tmp_path}/exports/${{run_name}}",
+        ok=False,
     )
     assert proc.returncode != 0
     assert "trainer with 2 processes inside a Hydra multirun on the local launcher" in proc.stderr
