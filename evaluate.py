@@ -1,4 +1,4 @@
-"""Evaluate an exported adapter: `python evaluate.py [ckpt=...] [mode=e2e|offline] [key=value ...]`.
+"""Evaluate an exported adapter: `python evaluate.py ckpt=... [mode=e2e|offline] [key=value ...]`.
 
 All work happens in `cross_modal_sd.evaluation.evaluate`; see `conf/evaluate.yaml` for the keys.
 """
@@ -8,7 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from cross_modal_sd.config import register_resolvers
 from cross_modal_sd.evaluation import evaluate
+
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

@@ -1,11 +1,12 @@
 """Train an adapter: ``python train.py [overrides]`` (see conf/train.yaml)."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from cross_modal_sd.config import register_resolvers
 from cross_modal_sd.training import train
+
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -17,6 +18,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    # Hydra 1.3 rejects `group=null` on the command line; `logger=null` means the `none` option.
-    sys.argv = ["logger=none" if arg == "logger=null" else arg for arg in sys.argv]
     main()

@@ -13,10 +13,6 @@ from cross_modal_sd.adapters.registry import (
     adapter_from_payload,
     adapter_payload,
     build_adapter,
-    known_adapter_names,
-    load_adapter,
-    load_adapter_config,
-    save_adapter,
 )
 from cross_modal_sd.adapters.sequence import CausalTransformerAdapter, CausalTransformerLayer
 
@@ -32,8 +28,4 @@ __all__ = [
     "adapter_from_payload",
     "adapter_payload",
     "build_adapter",
-    "known_adapter_names",
-    "load_adapter",
-    "load_adapter_config",
-    "save_adapter",
 ]

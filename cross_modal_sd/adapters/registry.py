@@ -7,10 +7,8 @@ rebuilding from it must never import an arbitrary dotted path it happens to cont
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cross_modal_sd.adapters.base import Adapter
@@ -23,32 +21,8 @@ ADAPTER_CLASSES: dict[str, type[Adapter]] = {
     for cls in (BottleneckAdapter, CausalTransformerAdapter, EagleAdapter)
 }
 
-# The repo's Hydra config group for adapters (one YAML per level).
-ADAPTER_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "adapter"
-
-
 class UnknownAdapterError(ValueError):
     """An adapter level name or ``_target_`` that is not registered."""
-
-
-def known_adapter_names(conf_dir: Path = ADAPTER_CONF_DIR) -> list[str]:
-    """Level names with a YAML in ``conf_dir`` (``["L1", ..., "L5"]`` in this repo)."""
-    return sorted(p.stem for p in Path(conf_dir).glob("*.yaml"))
-
-
-def load_adapter_config(name: str, conf_dir: Path = ADAPTER_CONF_DIR) -> dict[str, Any]:
-    """Plain dict of ``<conf_dir>/<name>.yaml``, e.g. ``load_adapter_config("L3")``.
-
-    Raises:
-        UnknownAdapterError: no YAML of that name; the message lists the known names.
-    """
-    path = Path(conf_dir) / f"{name}.yaml"
-    if not path.is_file():
-        raise UnknownAdapterError(
-            f"unknown adapter name {name!r}: no {path.name} in {conf_dir}; "
-            f"known names: {', '.join(known_adapter_names(conf_dir)) or '(none)'}"
-        )
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def adapter_class(target: str) -> type[Adapter]:
@@ -66,15 +40,16 @@ def adapter_class(target: str) -> type[Adapter]:
 
 
 def build_adapter(
-    cfg: str | Mapping[str, Any] | DictConfig,
+    cfg: Mapping[str, Any] | DictConfig,
     in_dim: int | None = None,
     out_dim: int | None = None,
 ) -> Adapter:
     """Build an adapter from a level name, a Hydra node or a stored plain-dict config.
 
     Args:
-        cfg: a level name (``"L1"`` ... resolved in ``conf/adapter/``), the ``adapter`` node of a
-            composed Hydra config, or an :attr:`Adapter.config` dict (which also holds the dims).
+        cfg: the ``adapter`` node of a composed Hydra config (for a level by name:
+            ``cross_modal_sd.config.group_option("adapter", "L1")``), or an
+            :attr:`Adapter.config` dict (which also holds the dims).
         in_dim: draft hidden width; may be omitted when ``cfg`` holds it.
         out_dim: target hidden width; may be omitted when ``cfg`` holds it.
 
@@ -82,12 +57,10 @@ def build_adapter(
         A freshly initialised adapter.
 
     Raises:
-        UnknownAdapterError: unknown level name or ``_target_``.
+        UnknownAdapterError: unknown ``_target_``.
         ValueError: ``_target_`` missing, a dim missing, or a dim conflicting with ``cfg``'s.
     """
-    if isinstance(cfg, str):
-        cfg = load_adapter_config(cfg)
-    elif isinstance(cfg, DictConfig):
+    if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     kwargs = dict(cfg)
     if "_target_" not in kwargs:
@@ -140,21 +113,3 @@ def adapter_from_payload(payload: Mapping[str, Any]) -> Adapter:
     except RuntimeError as err:
         raise ValueError(f"adapter payload weights do not match its adapter_config: {err}") from err
     return adapter
-
-
-def save_adapter(adapter: Adapter, path: str | Path, **extra: Any) -> None:
-    """``torch.save`` :func:`adapter_payload` plus ``extra`` plain-data entries to ``path``."""
-    torch.save({**adapter_payload(adapter), **extra}, path)
-
-
-def load_adapter(path: str | Path, map_location: str | torch.device = "cpu") -> Adapter:
-    """Rebuild an adapter from a file written by :func:`save_adapter` (weights-only load).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    return adapter_from_payload(payload)

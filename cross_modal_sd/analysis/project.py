@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cross_modal_sd.analysis.report import table
+from cross_modal_sd.utils import table
 from cross_modal_sd.analysis.speedup_model import (
     Acceptance,
     CostProfile,

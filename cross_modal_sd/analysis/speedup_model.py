@@ -1077,7 +1077,7 @@ def validate(
 
 def render_validation(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table of `validate` rows."""
-    from cross_modal_sd.analysis.report import table
+    from cross_modal_sd.utils import table
 
     header = [
         "configuration",

@@ -1,4 +1,4 @@
-"""Lossless greedy cross-modal speculative decoding (DESIGN §11), batch size 1.
+"""Lossless greedy cross-modal speculative decoding (docs/design.md §11), batch size 1.
 
 Round 1: the target prefill and the draft (prefill, then drafting) run at the same time in two
 threads (on CUDA each on its own stream). The target's prefill logits give its own first token
@@ -17,7 +17,7 @@ is the next forward's first input. Output equals the target's greedy decoding to
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -73,8 +73,22 @@ class SDConfig:
 
     @property
     def name(self) -> str:
-        """Method label for reports, e.g. ``sd/fixed-5/draft_model``."""
+        """Method label for reports, e.g. ``sd/fixed-5/draft_model`` (for people: code reads
+        `to_dict`, never the label)."""
         return f"sd/{self.policy.name}/{self.decode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; `from_dict` rebuilds the configuration."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SDConfig:
+        """The configuration of `to_dict` (``policy`` a dict or a `DraftPolicy`)."""
+        d = dict(d)
+        policy = d.pop("policy", {})
+        if not isinstance(policy, DraftPolicy):
+            policy = DraftPolicy(**policy)
+        return cls(policy=policy, **d)
 
 
 @dataclass
@@ -90,6 +104,8 @@ class TargetState:
 class SDResult:
     """Per-sample record of one speculative decoding run (`to_dict` for reports).
 
+    `config` is the `SDConfig.to_dict` the run used, so readers never parse `method` back.
+
     Counts: `rounds` drafting/verification rounds; `drafted[i]`/`accepted[i]` per round (round 0
     is the one overlapped with the target prefill); `target_forwards` counts the prefill, every
     verification forward and every autoregressive step.
@@ -103,6 +119,7 @@ class SDResult:
     """
 
     method: str
+    config: dict[str, Any]
     tokens: list[int]
     rounds: int
     drafted: list[int]
@@ -342,6 +359,7 @@ def speculative_generate(
     t_span, d_pre, d_span = r1.target_span, r1.draft_prefill_span, r1.draft_span
     return SDResult(
         method=config.name,
+        config=config.to_dict(),
         tokens=answer,
         rounds=len(drafted_per_round),
         drafted=drafted_per_round,

@@ -10,19 +10,9 @@ Both write ``report.json``, ``report.md``, ``samples.jsonl`` and PNG plots and s
 the configured loggers (W&B: metrics, tables, images).
 """
 
-from cross_modal_sd.evaluation.checkpoint import (
-    AdapterExport,
-    CheckpointError,
-    check_export_fits,
-    find_export,
-    load_export,
-    resolve_checkpoint,
-)
 from cross_modal_sd.evaluation.e2e import (
-    Strategy,
     blank_events,
     measure_costs,
-    parse_strategies,
     resolve_max_new_tokens,
     run_e2e,
 )
@@ -35,23 +25,18 @@ from cross_modal_sd.evaluation.outputs import (
     write_outputs,
 )
 from cross_modal_sd.evaluation.run import evaluate
+from cross_modal_sd.evaluation.strategies import Strategy, parse_strategies
 
 __all__ = [
-    "AdapterExport",
-    "CheckpointError",
     "Strategy",
     "blank_events",
-    "check_export_fits",
     "evaluate",
-    "find_export",
-    "load_export",
     "log_report",
     "make_loggers",
     "measure_costs",
     "offline_metrics",
     "parse_strategies",
     "report_tables",
-    "resolve_checkpoint",
     "resolve_max_new_tokens",
     "run_e2e",
     "run_offline",

@@ -1,4 +1,4 @@
-"""End-to-end timing: baseline, SD configurations and peers on the same samples (DESIGN §11).
+"""End-to-end timing: baseline, SD configurations and peers on the same samples (docs/design.md §14).
 
 On each sample all methods run back to back (their order rotating from sample to sample, so
 drift and cache effects hit every method alike) under one thread budget, after untimed warm-up
@@ -8,7 +8,6 @@ runs; every output is compared token for token with the baseline's.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cross_modal_sd.analysis.cost_profile import measure_profile, pair_models
-from cross_modal_sd.analysis.report import BASELINE, aggregate, mean
 from cross_modal_sd.analysis.speedup_model import (
     Acceptance,
     CostProfile,
@@ -28,9 +26,7 @@ from cross_modal_sd.analysis.speedup_model import (
 from cross_modal_sd.decoding import (
     AdapterDrafter,
     DraftInputs,
-    DraftPolicy,
     GreedySpec,
-    SDConfig,
     TargetInputs,
     hf_assisted,
     hf_greedy,
@@ -39,78 +35,11 @@ from cross_modal_sd.decoding import (
     thread_budget,
     wrapper_greedy,
 )
-from cross_modal_sd.decoding.speculative import DECODE_PHASES
 from cross_modal_sd.decoding.timing import Span, timed_span
-from cross_modal_sd.evaluation.checkpoint import AdapterExport, check_export_fits
-from cross_modal_sd.extract import PairModels, PairSample
-
-POLICY_KINDS = ("fixed", "confidence")
-PEERS = ("prompt_lookup", "assisted", "wrapper_greedy")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """One timed method: the baseline, an SD configuration or a peer."""
-
-    name: str
-    kind: str  # "baseline" | "sd" | "peer"
-    sd: SDConfig | None = None
-
-
-_SD_NAME = re.compile(r"sd_(?P<kind>[a-z]+)(?:_(?P<phase>[a-z_]+))?")
-
-
-def parse_strategies(
-    names: Iterable[str], decoding: Mapping[str, Any], max_new_tokens: int, eos_token_id: int | None
-) -> list[Strategy]:
-    """Strategies from their config names, canonicalised and de-duplicated (order kept).
-
-    ``sd_<policy>`` uses the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it
-    (policy: fixed | confidence; phase: autoregressive | draft_model). The policy's settings
-    come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``, ``confidence.threshold``,
-    ``max_drafts``). Peers: prompt_lookup, assisted, wrapper_greedy.
-
-    Raises:
-        ValueError: an unknown name; the message lists the accepted forms.
-    """
-    out: dict[str, Strategy] = {}
-    for raw in names:
-        name = str(raw)
-        if name in PEERS:
-            out.setdefault(name, Strategy(name, "peer"))
-            continue
-        match = _SD_NAME.fullmatch(name)
-        kind = match and match["kind"]
-        phase = match and (match["phase"] or decoding["phase"])
-        if not match or kind not in POLICY_KINDS or phase not in DECODE_PHASES:
-            raise ValueError(
-                f"unknown strategy {name!r}; expected sd_<policy>[_<phase>] with policy in "
-                f"{POLICY_KINDS} and phase in {DECODE_PHASES}, or a peer in {PEERS}"
-            )
-        if kind == "fixed":
-            gamma = decoding["fixed"]["gamma"]
-            policy = DraftPolicy(
-                kind="fixed",
-                gamma=gamma if gamma == "prefill" else int(gamma),
-                decode_gamma=int(decoding["fixed"]["decode_gamma"]),
-                max_drafts=int(decoding["max_drafts"]),
-            )
-        else:
-            policy = DraftPolicy(
-                kind="confidence",
-                threshold=float(decoding["confidence"]["threshold"]),
-                max_drafts=int(decoding["max_drafts"]),
-            )
-        config = SDConfig(
-            policy=policy,
-            decode=phase,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            split_threads=bool(decoding.get("split_threads", True)),
-        )
-        canonical = f"sd_{kind}_{phase}"
-        out.setdefault(canonical, Strategy(canonical, "sd", config))
-    return list(out.values())
+from cross_modal_sd.evaluation.report import aggregate, mean
+from cross_modal_sd.evaluation.strategies import BASELINE, Strategy, parse_strategies
+from cross_modal_sd.exports import AdapterExport, check_export_fits
+from cross_modal_sd.pair import PairModels, PairSample
 
 
 def resolve_max_new_tokens(value: Any, default: int) -> int:
@@ -262,7 +191,7 @@ def prepare_e2e(
     """Checks the export against the models, parses the strategies and places the models.
 
     Raises:
-        CheckpointError: the export does not fit the models.
+        ExportError: the export does not fit the models.
         ValueError: bad ``max_new_tokens`` or an unknown strategy.
     """
     checkpoint = check_export_fits(export, pair, cache_dir)
@@ -390,7 +319,7 @@ def summarize_e2e(
             raise ValueError("no cost profile could be measured")
         profile = mean_profile(profiles)
         report["cost_profile"] = profile.to_dict()
-        acceptance = Acceptance.from_export(setup.export.path)
+        acceptance = Acceptance.from_export_curves(setup.export.curves, str(setup.export.path))
     except ValueError as err:  # e.g. an export without token-level curves
         warnings.append(f"no predicted_speedup: {err}")
     else:
@@ -435,16 +364,16 @@ def run_e2e(
         cache_dir: hidden-pair cache whose manifest may identify the export's models.
 
     Returns:
-        The report (`cross_modal_sd.analysis.report.aggregate` plus ``checkpoint`` and
+        The report (`cross_modal_sd.evaluation.report.aggregate` plus ``checkpoint`` and
         ``config``) and the per-sample records.
 
     Raises:
-        CheckpointError: the export does not fit the models.
+        ExportError: the export does not fit the models.
         ValueError: bad ``max_new_tokens``, an unknown strategy, or no samples.
     """
     setup = prepare_e2e(pair, export, cfg, cache_dir)
     samples = list(samples)
     if not samples:
-        raise ValueError("no samples to evaluate: check split / start / n_scenes")
+        raise ValueError("no samples to evaluate: check source.split / start / count")
     records, profiles, warnings = time_samples(setup, samples)
     return summarize_e2e(setup, records, profiles, warnings), records

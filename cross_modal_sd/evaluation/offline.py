@@ -13,10 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cross_modal_sd.adapters import Adapter
-from cross_modal_sd.data.cache_format import HiddenPairCache
+from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.datamodule import split_indices
 from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
-from cross_modal_sd.evaluation.checkpoint import AdapterExport, CheckpointError
+from cross_modal_sd.exports import AdapterExport, ExportError
 from cross_modal_sd.metrics import DEFAULT_TAUS, AlignmentMetrics, cosine, draft_tokens, leading_run
 
 
@@ -106,7 +106,7 @@ def run_offline(export: AdapterExport, cfg: DictConfig | Mapping[str, Any]) -> t
 
     Raises:
         FileNotFoundError: no cache at ``data.cache_dir``.
-        CheckpointError: the cache's dims differ from the export's.
+        ExportError: the cache's dims differ from the export's.
         ValueError: unknown split, or the split is empty.
     """
     data, offline = cfg["data"], cfg["offline"]
@@ -118,7 +118,7 @@ def run_offline(export: AdapterExport, cfg: DictConfig | Mapping[str, Any]) -> t
         )
     cache = HiddenPairCache(cache_dir, verify=data.get("verify", "once"))
     if tuple(cache.dims) != export.dims:
-        raise CheckpointError(
+        raise ExportError(
             f"ckpt={export.path}: adapter {export.name} has dims (draft_dim={export.dims[0]}, "
             f"target_dim={export.dims[1]}) but the cache {cache_dir} has (draft_dim="
             f"{cache.dims[0]}, target_dim={cache.dims[1]})"

@@ -10,10 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cross_modal_sd.analysis.plots import e2e_plots, offline_plots
-from cross_modal_sd.analysis.report import render_e2e, render_offline
-from cross_modal_sd.training.callbacks import instantiate_group
-from cross_modal_sd.training.export import json_safe
+from cross_modal_sd.evaluation.plots import e2e_plots, offline_plots
+from cross_modal_sd.evaluation.report import render_e2e, render_offline
+from cross_modal_sd.utils import instantiate_group, json_safe, write_json
 
 
 def write_outputs(
@@ -33,9 +32,7 @@ def write_outputs(
         plots = offline_plots(report["curves"], out)
         markdown = render_offline(report, plots)
     report["plots"] = plots
-    (out / "report.json").write_text(
-        json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
-    )
+    write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown)
     with open(out / "samples.jsonl", "w") as f:
         for record in records:

@@ -12,14 +12,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from cross_modal_sd.config import register_resolvers
 from cross_modal_sd.data.sharding import resolve_shard, select_local_gpu
-from cross_modal_sd.evaluation.checkpoint import load_export, resolve_checkpoint
 from cross_modal_sd.evaluation.e2e import resolve_max_new_tokens, run_e2e
 from cross_modal_sd.evaluation.offline import run_offline
 from cross_modal_sd.evaluation.outputs import log_report, make_loggers, write_outputs
 from cross_modal_sd.evaluation.sharded import evaluate_part
-from cross_modal_sd.extract import load_pair, pair_samples
-from cross_modal_sd.training.callbacks import finish_wandb
+from cross_modal_sd.exports import ExportError, load_export
+from cross_modal_sd.pair import load_pair, make_source
+from cross_modal_sd.utils import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ MODES = ("e2e", "offline")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """One evaluation run of an exported adapter (``conf/evaluate.yaml``).
 
-    The checkpoint is resolved and read, and (for e2e) checked against the loaded models, before
-    any decoding. Outputs go to ``cfg.output_dir`` and the loggers of ``cfg.logger``.
+    The export ``cfg.ckpt`` is read, and (for e2e) checked against the loaded models, before any
+    decoding. Outputs go to ``cfg.output_dir`` and the loggers of ``cfg.logger``.
 
     With several ranks (torchrun's ``RANK``/``WORLD_SIZE`` or ``shard.rank``/``shard.world_size``)
     an e2e run times this rank's block of scenes into ``<shard.dir>/parts/`` (see
@@ -42,12 +43,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ``{"mode": "e2e", "sharding": {rank, world_size, timed, resumed, merged, waiting_for}}``.
 
     Raises:
-        CheckpointError: missing or incompatible checkpoint.
+        ExportError: no ``ckpt``, or a missing or incompatible export.
         ValueError: unknown mode, strategy or split; bad ``max_new_tokens``.
     """
+    register_resolvers()  # a config composed outside an entry point resolves too
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    export = load_export(resolve_checkpoint(cfg))
+    if not cfg.get("ckpt"):
+        # Guessing "the newest export" could evaluate another run's adapter without a word.
+        raise ExportError(
+            "ckpt is required: pass the export to evaluate, e.g. "
+            "`python evaluate.py ckpt=checkpoints/<run>/best_model.pt` (train.py prints its path)"
+        )
+    export = load_export(cfg.ckpt)
     log.info("evaluating %s (adapter %s, run %s)", export.path, export.name, export.run_name)
     out_dir = Path(cfg.output_dir)
     if cfg.mode == "e2e":
@@ -62,14 +70,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 return {"mode": "e2e", "sharding": status}
             report, records = status.pop("report"), status.pop("records")
         else:
-            samples = pair_samples(pair, cfg.data, cfg.split, cfg.start, cfg.n_scenes)
+            samples = (s for _, s in make_source(cfg.source).samples(pair))
             cache_dir = cfg.data.get("cache_dir")
             report, records = run_e2e(pair, export, samples, cfg, cache_dir=cache_dir)
-        unit = "scenes" if cfg.data.get("source", "mini") == "mini" else "clips"
-        report["config"]["source"] = (
-            f"{cfg.data.get('source', 'mini')} {cfg.split} {unit} "
-            f"{cfg.start}..{cfg.start + cfg.n_scenes - 1}"
-        )
+        report["config"]["source"] = make_source(cfg.source).describe()
     else:
         report, records = run_offline(export, cfg)
     plots = write_outputs(report, records, out_dir)

@@ -27,10 +27,10 @@ from cross_modal_sd.data.sharding import (
     missing_ranks,
     request_digest,
 )
-from cross_modal_sd.evaluation.checkpoint import AdapterExport
 from cross_modal_sd.evaluation.e2e import prepare_e2e, summarize_e2e, time_samples
-from cross_modal_sd.extract import PairModels, pair_samples
-from cross_modal_sd.training.export import json_safe
+from cross_modal_sd.exports import AdapterExport
+from cross_modal_sd.pair import PairModels, make_source
+from cross_modal_sd.utils import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ PARTS_DIR = "parts"
 REQUEST_KEYS = (
     "models",
     "data",
-    "split",
-    "start",
-    "n_scenes",
+    "source",
     "max_new_tokens",
     "threads",
     "warmup",
@@ -141,10 +139,9 @@ def evaluate_part(
     path = parts / f"{shard.name}.jsonl"
     entries, valid = read_part(path, request)
     done = {e["record"]["sample_id"] for e in entries if "record" in e}
-    start, n = shard.block(int(cfg.start), int(cfg.n_scenes))
-    samples = [
-        s for s in pair_samples(pair, cfg.data, cfg.split, start, n) if s.sample_id not in done
-    ]
+    source = make_source(cfg.source)
+    start, n = shard.block(*source.units())
+    samples = [s for _, s in source.samples(pair, skip=done, start=start, count=n) if s]
     writer = _PartWriter(path, {"request": request, **dataclasses.asdict(shard)}, valid)
     try:
         records, profiles, warnings = time_samples(

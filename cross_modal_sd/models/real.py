@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,72 +170,6 @@ class RealInputs:
         return clip_preprocess(images, self.event_size)[None]
 
 
-def dsec_samples(
-    pair,
-    data_cfg: Mapping,
-    split: str,
-    skip: frozenset[str] | set[str] = frozenset(),
-    start: int = 0,
-    n_clips: int | None = None,
-) -> Iterator[tuple[str, object]]:
-    """(sample_id, PairSample or None) for every question about every clip of a DSEC split.
-
-    Clips are read one at a time; a clip whose questions are all in `skip` is not read at all
-    and its samples come out as (id, None), so a resumed extraction costs no I/O for them.
-
-    Args:
-        pair: `PairModels` of the real pair (its `inputs` make the model inputs).
-        data_cfg: a `conf/data/dsec.yaml` node.
-        split: train | val | test (sequences, see `DsecReader`).
-        skip: sample ids not to load.
-        start: clips of the split to pass over first.
-        n_clips: clips to take (None: all).
-    """
-    from cross_modal_sd.data.dsec import SENSOR_SIZE, DsecReader, load_questions
-    from cross_modal_sd.extract import PairSample
-
-    spec: RealInputs | None = getattr(pair, "inputs", None)
-    if spec is None:
-        raise ValueError("data=dsec needs the real pair (models=eventgpt_videollava)")
-    reader = DsecReader.from_config(data_cfg)
-    if reader.n_frames != spec.n_frames:
-        raise ValueError(f"data.n_frames={reader.n_frames} but the target reads {spec.n_frames}")
-    questions = load_questions(data_cfg.get("questions"), data_cfg.get("questions_file"))
-    sensor = tuple(data_cfg.get("sensor_size") or SENSOR_SIZE)
-    taken = 0
-    for k, (seq, clip) in enumerate(reader.clips(split)):
-        if k < start:
-            continue
-        if n_clips is not None and taken >= n_clips:
-            return
-        taken += 1
-        ids = [f"{clip.clip_id}/q{j}" for j in range(len(questions))]
-        if all(i in skip for i in ids):
-            yield from ((i, None) for i in ids)
-            continue
-        data = reader.load(seq, clip)
-        source = f"DSEC {clip.sequence} events {clip.event_window}"
-        frames = spec.frames(data.frames)
-        events = spec.event_pixels(data.events, sensor, source)
-        for j, (sample_id, question) in enumerate(zip(ids, questions, strict=True)):
-            if sample_id in skip:
-                yield sample_id, None
-                continue
-            yield (
-                sample_id,
-                PairSample(
-                    sample_id=sample_id,
-                    group=clip.sequence,
-                    question_id=f"q{j}",
-                    target_ids=spec.target_ids(question),
-                    frames=frames,
-                    draft_ids=spec.draft_ids(question),
-                    event_pixels=events,
-                    reference=None,
-                ),
-            )
-
-
 # ------------------------------------------------------------------------------------ loading
 
 
@@ -339,8 +274,19 @@ def _event_wrap(draft_dir: Path, vocab_rows: int) -> tuple[int, int] | None:
     return added[EV_START], added[EV_END]
 
 
-def load_real_pair(models_cfg: Mapping):
-    """Loads the pair named by `conf/models/eventgpt_videollava.yaml` into a `PairModels`.
+@dataclass
+class RealModels:
+    """The loaded real pair before it is wrapped for decoding (see `cross_modal_sd.pair`)."""
+
+    target: nn.Module  # VideoLlavaForConditionalGeneration
+    draft: EventGPT
+    tokenizer: Any
+    inputs: RealInputs
+    vocab_limit: int
+
+
+def load_real_models(models_cfg: Mapping) -> RealModels:
+    """Loads the pair named by `conf/models/eventgpt_videollava.yaml`.
 
     Raises:
         CheckpointError: a checkpoint misses files or weights, or the tokenizer disagrees with
@@ -348,9 +294,6 @@ def load_real_pair(models_cfg: Mapping):
         ValueError: bad dtype/quantization/device settings.
     """
     from transformers import AutoTokenizer
-
-    from cross_modal_sd.extract import PairModels
-    from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder
 
     device = str(models_cfg.get("device") or "cpu")
     dtype = resolve_dtype(str(models_cfg.get("dtype") or "auto"), device)
@@ -384,26 +327,17 @@ def load_real_pair(models_cfg: Mapping):
                 f"{name} has {rows} vocabulary rows, fewer than vocab_limit={vocab_limit}"
             )
 
-    n_video = video_token_count(target, int(models_cfg.get("n_frames") or VIDEO_FRAMES))
+    n_frames = int(models_cfg.get("n_frames") or VIDEO_FRAMES)
     inputs = RealInputs(
         tokenizer=tokenizer,
-        n_video_tokens=n_video,
-        n_frames=int(models_cfg.get("n_frames") or VIDEO_FRAMES),
+        n_video_tokens=video_token_count(target, n_frames),
+        n_frames=n_frames,
         frame_size=target.config.vision_config.image_size,
         event_frames=int(models_cfg.get("event_frames") or 5),
         event_size=draft.vision_config.image_size,
         event_wrap=wrap,
     )
-    return PairModels(
-        target=TargetDecoder(target, vocab_limit),
-        draft=DraftDecoder(draft, vocab_limit),
-        tokenizer=tokenizer,
-        target_id=str(models_cfg.get("target_id") or target_path),
-        draft_id=str(models_cfg.get("draft_id") or draft_dir),
-        n_video_tokens=n_video,
-        max_new_tokens=int(models_cfg.get("max_new_tokens") or 50),
-        inputs=inputs,
-    )
+    return RealModels(target, draft, tokenizer, inputs, vocab_limit)
 
 
 # ------------------------------------------------------------------ random weights, real shapes

@@ -1,12 +1,6 @@
-"""Adapter training: LightningModule, losses, LR schedule, callbacks, export and ``train(cfg)``."""
+"""Adapter training: LightningModule, losses, LR schedule, callbacks and ``train(cfg)``."""
 
-from cross_modal_sd.training.export import (
-    BEST_MODEL_NAME,
-    METRICS_NAME,
-    adapter_from_checkpoint,
-    export_run,
-    load_checkpoint,
-)
+from cross_modal_sd.training.checkpoints import adapter_from_checkpoint, load_checkpoint
 from cross_modal_sd.training.losses import (
     AlignmentLoss,
     cosine_loss,
@@ -23,13 +17,10 @@ from cross_modal_sd.training.schedule import (
 )
 
 __all__ = [
-    "BEST_MODEL_NAME",
-    "METRICS_NAME",
     "AdapterModule",
     "AlignmentLoss",
     "adapter_from_checkpoint",
     "cosine_loss",
-    "export_run",
     "load_checkpoint",
     "mse_loss",
     "position_weights",

@@ -1,34 +1,11 @@
-"""Callbacks and loggers from the Hydra config, and the W&B plots of the per-position curves."""
+"""The W&B plots of the per-position validation curves (a Lightning callback)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
-
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, WandbLogger
-
-
-def instantiate_group(node: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Instantiate each ``_target_`` entry of a ``callbacks``/``logger`` node by name.
-
-    Entries set to null (``callbacks.early_stopping=null``) are skipped, so any default can be
-    switched off from the command line.
-
-    Raises:
-        ValueError: an entry without ``_target_``.
-    """
-    out = {}
-    for name, entry in (node or {}).items():
-        if entry is None:
-            continue
-        if not isinstance(entry, Mapping) or "_target_" not in entry:
-            raise ValueError(f"config entry {name!r} has no _target_ (got {entry!r})")
-        out[name] = instantiate(entry)
-    return out
+from lightning.pytorch.loggers import WandbLogger
 
 
 class WandbValCurves(Callback):
@@ -70,17 +47,3 @@ class WandbValCurves(Callback):
         }
         for logger in loggers:
             logger.log_metrics(plots, step=trainer.global_step)
-
-
-def finish_wandb(loggers: list[Logger], failed: bool) -> None:
-    """Close the W&B run of this job, so the next job of a multirun starts its own.
-
-    ``WandbLogger`` reuses a live ``wandb.run`` instead of starting a new one; without this the
-    second sweep point would log into the first one's run.
-    """
-    if not any(isinstance(lg, WandbLogger) for lg in loggers):
-        return
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)

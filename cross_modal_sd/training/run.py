@@ -13,46 +13,32 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from cross_modal_sd.config import multirun_suffix, register_resolvers
 from cross_modal_sd.data.datamodule import HiddenPairDataModule
-from cross_modal_sd.training.callbacks import WandbValCurves, finish_wandb, instantiate_group
-from cross_modal_sd.training.export import (
+from cross_modal_sd.exports import (
     BEST_MODEL_NAME,
     METRICS_NAME,
-    adapter_from_checkpoint,
+    ExportError,
     check_dims,
     export_run,
-    load_checkpoint,
+    load_export,
 )
+from cross_modal_sd.training.callbacks import WandbValCurves
+from cross_modal_sd.training.checkpoints import adapter_from_checkpoint, load_checkpoint
 from cross_modal_sd.training.module import AdapterModule
+from cross_modal_sd.utils import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
 
 
-def multirun_suffix() -> str:
-    """``-<job number>`` inside a Hydra multirun job, else ``""``.
-
-    ``run_name`` ends with it: sweep jobs started in the same second (parallel launchers) would
-    otherwise share a timestamped name, and with it an export directory.
-    """
-    if not HydraConfig.initialized():
-        return ""
-    hydra_cfg = HydraConfig.get()
-    return f"-{hydra_cfg.job.num}" if hydra_cfg.mode == RunMode.MULTIRUN else ""
-
-
-OmegaConf.register_new_resolver("multirun_suffix", multirun_suffix, replace=True)
-
-
 def build_datamodule(cfg: DictConfig) -> HiddenPairDataModule:
-    """The cache DataModule of ``cfg.data``; extracts the cache first (with ``cfg.models``) when
-    ``data.build_if_missing`` is true."""
+    """The cache DataModule of ``cfg.data``; extracts the cache first (``cfg.models`` reading
+    ``cfg.source``) when ``data.build_if_missing`` is true."""
     data_cfg = cfg.data
     if data_cfg.get("build_if_missing", False):
         # Imported here: extraction pulls in the model stack, which a plain cache does not need.
@@ -110,14 +96,16 @@ def init_adapter(module: AdapterModule, path: str | os.PathLike, dims: tuple[int
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: adapter file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    config = payload.get("adapter_config", {})
-    check_dims(f"init_from={path}", config.get("in_dim"), config.get("out_dim"), dims)
     try:
-        module.adapter.load_state_dict(payload["state_dict"], strict=True)
+        adapter = load_export(path).adapter
+    except ExportError as err:
+        raise ValueError(f"init_from: {err}") from err
+    check_dims(f"init_from={path}", adapter.in_dim, adapter.out_dim, dims)
+    try:
+        module.adapter.load_state_dict(adapter.state_dict(), strict=True)
     except RuntimeError as err:
         raise ValueError(
-            f"init_from={path}: its {config.get('name')} weights do not fit the configured "
+            f"init_from={path}: its {adapter.name} weights do not fit the configured "
             f"adapter {module.adapter.name}: {err}"
         ) from err
 
@@ -191,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError, ValueError (incl. ``CacheError``, ``UnknownAdapterError``): bad input,
             before training starts.
     """
+    register_resolvers()  # a config composed outside an entry point resolves too
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)

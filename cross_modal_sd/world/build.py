@@ -27,7 +27,7 @@ from cross_modal_sd.models.eventgpt import save_eventgpt
 from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_videollava
 from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
-from cross_modal_sd.world.dataset import SceneViews, render_scene
+from cross_modal_sd.world.samples import SceneViews, render_scene
 from cross_modal_sd.world.perception import Perception
 from cross_modal_sd.world.qa import questions
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from cross_modal_sd.world.dataset import SceneViews
+from cross_modal_sd.world.samples import SceneViews
 from cross_modal_sd.world.scenes import (
     CLASS_SIZE,
     CLASSES,

@@ -71,7 +71,7 @@ def render_scene(
     )
 
 
-def iter_samples(
+def scene_samples(
     seed: int,
     split: str,
     n_scenes: int,

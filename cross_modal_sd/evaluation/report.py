@@ -7,7 +7,7 @@ all on the same inputs::
      "strategies": {"sd_fixed_draft_model": {SDResult fields}, "prompt_lookup": {...}},
      "costs": {"target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms"}}
 
-Conventions (DESIGN §10): times and counts are means over samples; `accept_rate` is accepted /
+Conventions (docs/design.md §10): times and counts are means over samples; `accept_rate` is accepted /
 drafted summed over all samples and rounds; `speedup.ratio_of_means` divides the mean baseline
 time by the mean strategy time, `speedup.mean_of_ratios` averages the per-sample ratios; a
 strategy is lossless on a sample when its tokens equal the baseline's. Quantities a strategy
@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from cross_modal_sd.utils import fmt, table
 
 BASELINE = "baseline"
 KINDS = ("baseline", "sd", "peer")
@@ -32,7 +34,7 @@ TIME_KEYS = (
     "overlap_ms",
     "wait_ms",
 )
-# The real pair's cost shape (DESIGN §5/§12), printed next to the measured one.
+# The real pair's cost shape (docs/design.md §12), printed next to the measured one.
 REFERENCE_COSTS = {
     "target_prefill_share": 0.43,
     "draft_prefill_ratio": 0.27,
@@ -155,7 +157,7 @@ def summarize_strategy(
 
 
 def cost_ratios(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Measured cost shape (DESIGN §5) from the per-sample cost probes and baseline times.
+    """Measured cost shape (docs/design.md §12) from the per-sample cost probes and baseline times.
 
     Ratios are of means over the samples that measured both sides (a one-token answer has no
     per-token time). Returns the mean ms of each probe, the three ratios and the reference values
@@ -223,27 +225,6 @@ def aggregate(
 
 
 # ---------------------------------------------------------------------------------- rendering
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    """A table cell: None/NaN as an en dash, floats with `digits` decimals."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "**NO**"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
-    """A Markdown table (first column left-aligned, the rest right-aligned)."""
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
-    lines += ["| " + " | ".join(fmt(v, digits) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _cost_line(costs: Mapping[str, Any]) -> str:
@@ -338,7 +319,7 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         "flag",
     ]
     out += [table(header, rows), "", _cost_line(costs), ""]
-    out += ["## Cost shape (measured vs the real pair, DESIGN §5)", ""]
+    out += ["## Cost shape (measured vs the real pair, docs/design.md §12)", ""]
     rows = [[COST_LABELS[k], costs.get(k), REFERENCE_COSTS[k]] for k in REFERENCE_COSTS]
     rows += [
         [k.removesuffix("_ms").replace("_", " ") + " (ms)", costs.get(k), None]

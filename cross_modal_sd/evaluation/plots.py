@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
-from cross_modal_sd.analysis.report import BASELINE, TIME_KEYS  # noqa: E402
+from cross_modal_sd.evaluation.report import BASELINE, TIME_KEYS  # noqa: E402
 
 SPEEDUP_PNG = "speedup_distribution.png"
 TIMING_PNG = "timing_breakdown.png"

@@ -1,8 +1,15 @@
-"""Adapter exports for evaluation: find the newest, read one, check it fits the models."""
+"""The one reader and writer of exported adapters: ``best_model.pt`` (+ ``metrics.json``).
+
+An export is plain data and loads with ``torch.load(weights_only=True)``: ``adapter_config``
+and ``state_dict`` (`adapters.adapter_payload`), ``export_format``, ``cache_manifest_digest``,
+``dims`` (``{"draft_dim", "target_dim"}``), ``metrics`` (the best epoch's ``val/*`` scalars),
+``curves`` (its acceptance curves), ``epoch``, ``global_step``, ``run_name`` and, when known,
+the training cache's ``draft_model`` / ``target_model`` ids. Files written by earlier versions
+(``export_format`` 1, or payloads with only the adapter) load too.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,25 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
-from cross_modal_sd.adapters import Adapter, adapter_from_payload
-from cross_modal_sd.data.cache_format import load_manifest, manifest_digest
-from cross_modal_sd.extract import PairModels
+from cross_modal_sd.adapters import Adapter, adapter_from_payload, adapter_payload
+from cross_modal_sd.data.cache import load_manifest, manifest_digest
+from cross_modal_sd.pair import PairModels
+from cross_modal_sd.utils import write_json
 
-BEST_MODEL = "best_model.pt"
-
-
-class CheckpointError(ValueError):
-    """An adapter export that is missing, malformed or does not fit the models or cache."""
+BEST_MODEL_NAME = "best_model.pt"
+METRICS_NAME = "metrics.json"
+EXPORT_FORMAT = 1
 
 
-# ----------------------------------------------------------------------------------- checkpoint
+class ExportError(ValueError):
+    """An export that is missing, malformed or does not fit the models or cache."""
 
 
 @dataclass
 class AdapterExport:
-    """An exported adapter (``best_model.pt``) and what the export says about its training.
+    """An exported adapter and what the export says about its training.
 
     Attributes:
         path: the file.
@@ -36,9 +42,9 @@ class AdapterExport:
         dims: (draft_dim, target_dim) of its training cache.
         cache_digest: manifest digest of its training cache (None if not recorded).
         run_name: training run name (None if not recorded).
-        metrics: the best epoch's ``val/*`` metrics recorded at export.
-        models: (draft_model, target_model) ids of its training cache, when the export records
-            them.
+        metrics: the best epoch's ``val/*`` metrics.
+        curves: the best epoch's ``val/*`` curves (acceptance by position, accepted lengths).
+        models: (draft_model, target_model) ids of its training cache, when recorded.
     """
 
     path: Path
@@ -47,6 +53,7 @@ class AdapterExport:
     cache_digest: str | None = None
     run_name: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)
     models: tuple[str, str] | None = None
 
     @property
@@ -55,25 +62,82 @@ class AdapterExport:
         return self.adapter.name
 
 
+def save_export(path: str | os.PathLike, adapter: Adapter, **extra: Any) -> Path:
+    """Writes ``adapter`` (config + weights) and ``extra`` plain-data entries, atomically.
+
+    ``dims`` defaults to the adapter's own; ``extra`` may override it (tests write mismatching
+    exports that way).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **adapter_payload(adapter),
+        "export_format": EXPORT_FORMAT,
+        "dims": {"draft_dim": adapter.in_dim, "target_dim": adapter.out_dim},
+        **extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def export_run(
+    export_dir: str | os.PathLike,
+    adapter: Adapter,
+    best: Mapping[str, Any],
+    cache_digest: str,
+    summary: Mapping[str, Any],
+    models: Mapping[str, str] | None = None,
+) -> tuple[Path, Path]:
+    """A finished training run's ``best_model.pt`` and ``metrics.json`` in ``export_dir``.
+
+    Args:
+        export_dir: directory, created if missing.
+        adapter: the best adapter.
+        best: the best epoch's ``AdapterModule.val_results`` (``metrics``, ``curves``,
+            ``epoch``, ``global_step``).
+        cache_digest: manifest digest of the training cache.
+        summary: the content of ``metrics.json`` (best/final metrics, paths, run name).
+        models: ``{"draft_model": id, "target_model": id}`` of the training cache.
+
+    Returns:
+        Paths of ``best_model.pt`` and ``metrics.json``.
+    """
+    export_dir = Path(export_dir)
+    model_path = save_export(
+        export_dir / BEST_MODEL_NAME,
+        adapter,
+        cache_manifest_digest=cache_digest,
+        metrics=dict(best.get("metrics", {})),
+        curves=dict(best.get("curves", {})),
+        epoch=best.get("epoch"),
+        global_step=best.get("global_step"),
+        run_name=summary.get("run_name"),
+        **(models or {}),
+    )
+    return model_path, write_json(export_dir / METRICS_NAME, summary)
+
+
 def load_export(path: str | os.PathLike) -> AdapterExport:
-    """Reads a ``best_model.pt`` written by training's export (or `save_adapter`).
+    """Reads an export.
 
     Raises:
-        CheckpointError: no such file, or not an adapter export.
+        ExportError: no such file, or not an adapter export.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"ckpt={path}: no such file (pass an exported best_model.pt)")
+        raise ExportError(f"ckpt={path}: no such file (pass an exported best_model.pt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a non-checkpoint file
-        raise CheckpointError(f"ckpt={path}: not a readable torch file ({err})") from err
+        raise ExportError(f"ckpt={path}: not a readable torch file ({err})") from err
     if not isinstance(payload, Mapping):
-        raise CheckpointError(f"ckpt={path}: holds a {type(payload).__name__}, not an export dict")
+        raise ExportError(f"ckpt={path}: holds a {type(payload).__name__}, not an export dict")
     try:
         adapter = adapter_from_payload(payload).eval()
     except ValueError as err:
-        raise CheckpointError(f"ckpt={path}: {err}") from err
+        raise ExportError(f"ckpt={path}: {err}") from err
     dims = payload.get("dims") or {}
     models = None
     if payload.get("draft_model") and payload.get("target_model"):
@@ -88,52 +152,18 @@ def load_export(path: str | os.PathLike) -> AdapterExport:
         cache_digest=payload.get("cache_manifest_digest"),
         run_name=payload.get("run_name"),
         metrics=dict(payload.get("metrics") or {}),
+        curves=dict(payload.get("curves") or {}),
         models=models,
     )
 
 
-def _export_adapter_name(path: Path) -> str | None:
-    """Adapter name of an export: from its ``metrics.json`` when present (no weight loading)."""
-    summary = path.with_name("metrics.json")
-    if summary.is_file():
-        try:
-            name = json.loads(summary.read_text()).get("adapter")
-        except (OSError, ValueError):
-            name = None
-        if name:
-            return str(name)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        return (payload.get("adapter_config") or {}).get("name")
-    except Exception:  # an unreadable file is listed as such, not fatal to the search
-        return None
-
-
-def find_export(root: str | os.PathLike, adapter_name: str) -> Path:
-    """The newest ``<root>/*/best_model.pt`` (by modification time) of adapter `adapter_name`.
-
-    Raises:
-        CheckpointError: none matches; the message lists the exports found.
-    """
-    root = Path(root)
-    found = sorted(root.glob(f"*/{BEST_MODEL}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    names = {p: _export_adapter_name(p) for p in found}
-    for path in found:
-        if names[path] == adapter_name:
-            return path
-    listing = ", ".join(f"{p} ({names[p] or 'unreadable'})" for p in found) or "none"
-    raise CheckpointError(
-        f"no exported adapter named {adapter_name!r} under {root}/*/{BEST_MODEL} (found: "
-        f"{listing}); train one with `python train.py adapter={adapter_name}`, or pass "
-        f"ckpt=<path to best_model.pt> or adapter_name=<another level>"
-    )
-
-
-def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """``cfg.ckpt``, or the newest export of ``cfg.adapter_name`` under ``cfg.checkpoints_dir``."""
-    if cfg.ckpt:
-        return Path(cfg.ckpt)
-    return find_export(cfg.checkpoints_dir, cfg.adapter_name)
+def check_dims(source: str, in_dim: int, out_dim: int, dims: tuple[int, int]) -> None:
+    """Raise a ValueError naming ``source`` unless its (in_dim, out_dim) equal the cache ``dims``."""
+    if (in_dim, out_dim) != tuple(dims):
+        raise ValueError(
+            f"{source}: adapter dims (in_dim={in_dim}, out_dim={out_dim}) do not match the cache "
+            f"(draft_dim={dims[0]}, target_dim={dims[1]})"
+        )
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -157,12 +187,12 @@ def check_export_fits(
         The report's ``checkpoint`` entry (path, adapter, run, dims, digest, ``models_verified``).
 
     Raises:
-        CheckpointError: dims or model ids differ; the message names both sides.
+        ExportError: dims or model ids differ; the message names both sides.
     """
     draft_dim = int(pair.draft.lm_head_weight.shape[1])
     target_dim = int(pair.target.lm_head_weight.shape[1])
     if export.dims != (draft_dim, target_dim):
-        raise CheckpointError(
+        raise ExportError(
             f"ckpt={export.path}: adapter {export.name} was trained on a cache with "
             f"draft_dim={export.dims[0]}, target_dim={export.dims[1]}, but the loaded models have "
             f"draft hidden size {draft_dim} ({pair.draft_id}) and target hidden size {target_dim} "
@@ -182,7 +212,7 @@ def check_export_fits(
             ("target", models[1], pair.target_id),
         ):
             if not _same_model(theirs, ours):
-                raise CheckpointError(
+                raise ExportError(
                     f"ckpt={export.path}: adapter {export.name} was trained with {role} model "
                     f"{theirs!r}, but the loaded {role} model is {ours!r}; evaluate it with the "
                     f"models it was trained for"

@@ -1,0 +1,86 @@
+"""The methods an evaluation times, by config name: the baseline, SD configurations and peers.
+
+Every name maps to a structured entry of `SD_STRATEGIES` or `PEERS`; nothing is parsed out of a
+name, and every SD record stores the configuration it ran with (`SDResult.config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cross_modal_sd.decoding import DraftPolicy, SDConfig
+from cross_modal_sd.decoding.speculative import DECODE_PHASES
+from cross_modal_sd.evaluation.report import BASELINE
+
+__all__ = ["BASELINE", "PEERS", "SD_STRATEGIES", "Strategy", "draft_policy", "parse_strategies"]
+POLICY_KINDS = ("fixed", "confidence")
+PEERS = ("prompt_lookup", "assisted", "wrapper_greedy")
+# name -> (draft-length policy, decode phase; None = the phase of the `decoding` config)
+SD_STRATEGIES: dict[str, tuple[str, str | None]] = {
+    **{f"sd_{kind}": (kind, None) for kind in POLICY_KINDS},
+    **{f"sd_{kind}_{phase}": (kind, phase) for kind in POLICY_KINDS for phase in DECODE_PHASES},
+}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One timed method: the baseline, an SD configuration or a peer."""
+
+    name: str
+    kind: str  # "baseline" | "sd" | "peer"
+    sd: SDConfig | None = None
+
+
+def draft_policy(kind: str, decoding: Mapping[str, Any]) -> DraftPolicy:
+    """The `DraftPolicy` of a policy kind with the settings of a `conf/decoding/*` node."""
+    if kind == "fixed":
+        gamma = decoding["fixed"]["gamma"]
+        return DraftPolicy(
+            kind="fixed",
+            gamma=gamma if gamma == "prefill" else int(gamma),
+            decode_gamma=int(decoding["fixed"]["decode_gamma"]),
+            max_drafts=int(decoding["max_drafts"]),
+        )
+    return DraftPolicy(
+        kind="confidence",
+        threshold=float(decoding["confidence"]["threshold"]),
+        max_drafts=int(decoding["max_drafts"]),
+    )
+
+
+def parse_strategies(
+    names: Iterable[str], decoding: Mapping[str, Any], max_new_tokens: int, eos_token_id: int | None
+) -> list[Strategy]:
+    """Strategies from their config names, canonicalised and de-duplicated (order kept).
+
+    ``sd_<policy>`` takes the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it. The
+    policy's settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
+    ``confidence.threshold``, ``max_drafts``).
+
+    Raises:
+        ValueError: an unknown name; the message lists the known ones.
+    """
+    out: dict[str, Strategy] = {}
+    for raw in names:
+        name = str(raw)
+        if name in PEERS:
+            out.setdefault(name, Strategy(name, "peer"))
+            continue
+        if name not in SD_STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {name!r}; known: {', '.join([*SD_STRATEGIES, *PEERS])}"
+            )
+        kind, phase = SD_STRATEGIES[name]
+        phase = phase or decoding["phase"]
+        config = SDConfig(
+            policy=draft_policy(kind, decoding),
+            decode=phase,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            split_threads=bool(decoding.get("split_threads", True)),
+        )
+        canonical = f"sd_{kind}_{phase}"
+        out.setdefault(canonical, Strategy(canonical, "sd", config))
+    return list(out.values())
