@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cross_modal_sd.data.cache_format import PARTS_DIR, CacheWriter, load_manifest, merge_parts
+from cross_modal_sd.data.cache import PARTS_DIR, CacheWriter, load_manifest, merge_parts
 from cross_modal_sd.data.sharding import (
     clear_done,
     exclusive,

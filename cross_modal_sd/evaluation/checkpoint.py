@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from cross_modal_sd.adapters import Adapter, adapter_from_payload
-from cross_modal_sd.data.cache_format import load_manifest, manifest_digest
+from cross_modal_sd.data.cache import load_manifest, manifest_digest
 from cross_modal_sd.extract import PairModels
 
 BEST_MODEL = "best_model.pt"

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cross_modal_sd.adapters import Adapter
-from cross_modal_sd.data.cache_format import HiddenPairCache
+from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.datamodule import split_indices
 from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
 from cross_modal_sd.evaluation.checkpoint import AdapterExport, CheckpointError
