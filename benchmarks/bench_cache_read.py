@@ -33,7 +33,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from cross_modal_sd.data.cache_format import HiddenPairCache
+from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.dataset import HiddenPairDataset, ShardWindowSampler, collate_pairs
 
 BLOCK = 16 << 20

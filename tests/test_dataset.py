@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cross_modal_sd.data.cache_format import CacheError, CacheWriter, HiddenPairCache
+from cross_modal_sd.data.cache import CacheError, CacheWriter, HiddenPairCache
 from cross_modal_sd.data.datamodule import HiddenPairDataModule, split_groups, split_indices
 from cross_modal_sd.data.dataset import HiddenPairDataset, ShardWindowSampler, collate_pairs
 

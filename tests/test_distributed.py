@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 import cross_modal_sd.evaluation.e2e as e2e_module
 import cross_modal_sd.extract as extract_module
-from cross_modal_sd.data.cache_format import PARTS_DIR, CacheError, HiddenPairCache, merge_parts
+from cross_modal_sd.data.cache import PARTS_DIR, CacheError, HiddenPairCache, merge_parts
 from cross_modal_sd.data.sharding import Shard, resolve_shard
 from cross_modal_sd.decoding import thread_budget
 from cross_modal_sd.extract import extract
@@ -196,9 +196,9 @@ def test_rerun_after_a_rank_died_extracts_only_its_missing_samples(
 
 
 def test_merge_rejects_parts_of_other_extractions(tmp_path):
-    from test_cache_format import make_meta, make_samples
+    from test_cache import make_meta, make_samples
 
-    from cross_modal_sd.data.cache_format import CacheWriter
+    from cross_modal_sd.data.cache import CacheWriter
 
     samples = make_samples(4)
     for name, meta, rows in (

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from random_models import boost_eos, liven
 
 from cross_modal_sd.adapters import build_adapter, save_adapter
-from cross_modal_sd.data.cache_format import CacheWriter, HiddenPairCache
+from cross_modal_sd.data.cache import CacheWriter, HiddenPairCache
 from cross_modal_sd.data.dataset import collate_pairs
 from cross_modal_sd.decoding import GreedySpec, TargetInputs, hf_greedy, thread_budget
 from cross_modal_sd.evaluation import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from cross_modal_sd.data.cache_format import HiddenPairCache
+from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.extract import extract, load_pair, mini_samples
 
 

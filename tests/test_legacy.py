@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cross_modal_sd.data.cache_format import HiddenPairCache, load_manifest
+from cross_modal_sd.data.cache import HiddenPairCache, load_manifest
 from cross_modal_sd.data.legacy import LegacyCacheError, import_legacy_cache, main
 
 VOCAB = 32064  # Video-LLaVA's padded vocabulary; ids >= 32000 are never tokens

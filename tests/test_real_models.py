@@ -32,7 +32,7 @@ from transformers import (
     VideoLlavaImageProcessor,
 )
 
-from cross_modal_sd.data.cache_format import HiddenPairCache
+from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.dsec import write_sequence
 from cross_modal_sd.data.events import EventStream, EventStreamError
 from cross_modal_sd.extract import extract, load_pair

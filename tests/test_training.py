@@ -17,7 +17,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
 from cross_modal_sd.adapters import UnknownAdapterError, build_adapter, load_adapter, save_adapter
-from cross_modal_sd.data.cache_format import CacheError, CacheWriter, HiddenPairCache
+from cross_modal_sd.data.cache import CacheError, CacheWriter, HiddenPairCache
 from cross_modal_sd.data.datamodule import split_indices
 from cross_modal_sd.data.dataset import collate_pairs
 from cross_modal_sd.metrics import functional as MF

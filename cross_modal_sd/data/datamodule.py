@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from cross_modal_sd.data.cache_format import CacheError, HiddenPairCache
+from cross_modal_sd.data.cache import CacheError, HiddenPairCache
 from cross_modal_sd.data.dataset import (
     DistributedShardWindowSampler,
     HiddenPairDataset,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
-from cross_modal_sd.data.cache_format import HiddenPairCache
+from cross_modal_sd.data.cache import HiddenPairCache
 
 
 class HiddenPairDataset(Dataset):

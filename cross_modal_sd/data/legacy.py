@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cross_modal_sd.data.cache_format import DTYPES, CacheError, CacheWriter
+from cross_modal_sd.data.cache import DTYPES, CacheError, CacheWriter
 from cross_modal_sd.models.prompts import DRAFT_TEMPLATE, TARGET_TEMPLATE
 
 INDEX_NAME = "index.json"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cross_modal_sd.data.cache_format import DTYPES, CacheWriter
+from cross_modal_sd.data.cache import DTYPES, CacheWriter
 
 
 def write_synthetic_cache(

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cross_modal_sd.data.cache_format import (
+from cross_modal_sd.data.cache import (
     FORMAT_VERSION,
     CacheError,
     CacheWriter,
