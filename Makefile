@@ -30,8 +30,9 @@ test: $(STAMP)
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+# Speedups across cost regimes and deployments, measured and predicted (an idle machine, ~1 h).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_train_throughput.py
+	$(BIN)/python benchmarks/bench_regimes.py --models mini mini_p30 mini_p15 --repeats 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -16,12 +16,18 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    report = evaluate(cfg)
+    result = evaluate(cfg)
     # The report's tables are what a person runs this for: print them, not just their path.
-    print(Path(cfg.output_dir, "report.md").read_text().split("\n## Plots")[0])
-    if report["mode"] == "offline":
-        return report["metrics"].get("token_accept_len")
-    return report["lossless_rate"]
+    if result["mode"] == "offline":
+        print(Path(cfg.output_dir, "report.md").read_text())
+        return result["metrics"].get("token_accept_len")
+    rates = []
+    for name, report in result["deployments"].items():
+        if "sharding" in report:
+            continue  # this rank did not merge
+        print(Path(cfg.output_dir, name, "report.md").read_text().split("\n## Plots")[0])
+        rates.append(report["lossless_rate"])
+    return min(rates) if rates else None
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 An export is plain data and loads with ``torch.load(weights_only=True)``: ``adapter_config``
 and ``state_dict`` (`adapters.adapter_payload`), ``export_format``, ``cache_manifest_digest``,
 ``dims`` (``{"draft_dim", "target_dim"}``), ``metrics`` (the best epoch's ``val/*`` scalars),
-``curves`` (its acceptance curves), ``epoch``, ``global_step``, ``run_name`` and, when known,
-the training cache's ``draft_model`` / ``target_model`` ids. Files written by earlier versions
-(``export_format`` 1, or payloads with only the adapter) load too.
+``curves`` (its acceptance curves), ``val_acceptance`` (every validation sample's
+teacher-forced ``match``/``confidence`` sequences, padded, with ``lengths``: what the speedup
+model replays), ``epoch``, ``global_step``, ``run_name`` and, when known, the training cache's
+``draft_model`` / ``target_model`` ids. Files written by earlier versions (without
+``val_acceptance``, or payloads with only the adapter) load too.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class AdapterExport:
         run_name: training run name (None if not recorded).
         metrics: the best epoch's ``val/*`` metrics.
         curves: the best epoch's ``val/*`` curves (acceptance by position, accepted lengths).
+        val_acceptance: the validation split's acceptance sequences (``match``, ``confidence``,
+            ``lengths`` tensors), None for older exports.
         models: (draft_model, target_model) ids of its training cache, when recorded.
     """
 
@@ -54,6 +58,7 @@ class AdapterExport:
     run_name: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)
+    val_acceptance: dict[str, torch.Tensor] | None = None
     models: tuple[str, str] | None = None
 
     @property
@@ -62,7 +67,7 @@ class AdapterExport:
         return self.adapter.name
 
 
-def save_export(path: str | os.PathLike, adapter: Adapter, **extra: Any) -> Path:
+def save_export(adapter: Adapter, path: str | os.PathLike, **extra: Any) -> Path:
     """Writes ``adapter`` (config + weights) and ``extra`` plain-data entries, atomically.
 
     ``dims`` defaults to the adapter's own; ``extra`` may override it (tests write mismatching
@@ -89,6 +94,7 @@ def export_run(
     cache_digest: str,
     summary: Mapping[str, Any],
     models: Mapping[str, str] | None = None,
+    val_acceptance: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Path, Path]:
     """A finished training run's ``best_model.pt`` and ``metrics.json`` in ``export_dir``.
 
@@ -100,20 +106,23 @@ def export_run(
         cache_digest: manifest digest of the training cache.
         summary: the content of ``metrics.json`` (best/final metrics, paths, run name).
         models: ``{"draft_model": id, "target_model": id}`` of the training cache.
+        val_acceptance: the best adapter's validation acceptance sequences
+            (`metrics.offline.acceptance_arrays`).
 
     Returns:
         Paths of ``best_model.pt`` and ``metrics.json``.
     """
     export_dir = Path(export_dir)
     model_path = save_export(
-        export_dir / BEST_MODEL_NAME,
         adapter,
+        export_dir / BEST_MODEL_NAME,
         cache_manifest_digest=cache_digest,
         metrics=dict(best.get("metrics", {})),
         curves=dict(best.get("curves", {})),
         epoch=best.get("epoch"),
         global_step=best.get("global_step"),
         run_name=summary.get("run_name"),
+        **({"val_acceptance": dict(val_acceptance)} if val_acceptance else {}),
         **(models or {}),
     )
     return model_path, write_json(export_dir / METRICS_NAME, summary)
@@ -153,6 +162,7 @@ def load_export(path: str | os.PathLike) -> AdapterExport:
         run_name=payload.get("run_name"),
         metrics=dict(payload.get("metrics") or {}),
         curves=dict(payload.get("curves") or {}),
+        val_acceptance=payload.get("val_acceptance"),
         models=models,
     )
 

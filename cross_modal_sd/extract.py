@@ -43,8 +43,6 @@ from cross_modal_sd.models.generation import greedy_kwargs
 from cross_modal_sd.models.prompts import (
     DRAFT_TEMPLATE,
     TARGET_TEMPLATE,
-    encode_draft_prompt,
-    encode_target_prompt,
 )
 from cross_modal_sd.pair import PairModels, PairSample, SampleSource, load_pair, make_source
 

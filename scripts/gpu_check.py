@@ -1,6 +1,6 @@
 """GPU check: the pair's costs at the real shapes and lossless SD on the device, in one command
-that prints one report and writes one JSON file (`speedup_model.load_profile` reads it as a cost
-profile).
+that prints one report and writes one JSON file (`cross_modal_sd.speedup.load_profile` reads its
+``cost_profile`` entry directly).
 
     python scripts/gpu_check.py                                  # random 7B pair + mini world
     python scripts/gpu_check.py --adapter checkpoints/<run>/best_model.pt --mini-samples 100
@@ -15,27 +15,33 @@ CLIP ViT-L/14 at 224 over 8 frames = 2056 video tokens) and EventGPT-7B (Vicuna-
 ViT-L/14-336 over --event-frames images pooled to T + 577 tokens), prompted with random ids at
 the real prompts' lengths; `--shapes tiny` scales every dimension down. With --target/--draft the
 released checkpoints are loaded and asked about one DSEC clip (--dsec-root) or a synthetic one.
-Measured (median of --repeats synchronised runs after one warm-up): target prefill, target ms
-per token, one verification forward of k drafts for every k in --ks, draft prefill, draft ms per
-token; then the baseline (`generate`, greedy) and one SD run (--gamma drafts per round,
+First the baseline (`generate`, greedy) on the sample; then the pair's cost profile, measured by
+the one harness evaluation uses (`cross_modal_sd.speedup.measure.measure_profile`: the mean of
+--repeats rounds of shuffled probes after a warm-up round): target prefill, target ms per token,
+one verification of k drafts for every k in --ks, draft prefill, draft ms per token, adapter ms
+per draft, the target's prefill slowdown with the drafter working beside it, the round trip to
+the drafter, and `generate`'s line over answer lengths; then one SD run (--gamma drafts per round,
 draft_model phase) on the same sample, and whether SD reproduced the baseline token for token.
-Without a fitting --adapter the drafter uses an untrained L1 adapter: acceptance is then
-meaningless, costs and losslessness are not.
+The drafter runs on a `LocalRunner` (a thread here, on its own CUDA stream on a GPU). Without a
+fitting --adapter the drafter uses an untrained L1 adapter: acceptance is then meaningless, costs
+and losslessness are not.
 
 Mini-world section (by default with random weights; `--mini-samples N` turns it on with
-checkpoints too): the built mini world (--mini-root: a directory of builds, where the default
-world is built on the CPU in a few minutes if missing, or one build directory) moved to the
-device in --dtype; SD as `evaluate.py` runs it (`AdapterDrafter` over --adapter or an untrained
-L1, `conf/decoding/draft_model.yaml`, target and draft concurrently on their own CUDA streams)
-against the baseline on N test samples: the lossless rate, accepted drafts, tokens per target
-forward and the wall-clock ratio. In bf16 an argmax can legitimately flip on a near-tie between
-the baseline's one-token steps and a multi-token verification; the rate is reported as measured.
+checkpoints too): the built mini world (docs/design.md §5; --mini-root: a directory of builds,
+where the default world is built on the CPU in a few minutes if missing, or one build directory)
+moved to the device in --dtype; SD as `evaluate.py` runs it (`AdapterDrafter` over --adapter or
+an untrained L1, `conf/decoding/draft_model.yaml`, target and draft concurrently on their own
+CUDA streams) against the baseline on N test samples: the lossless rate, accepted drafts, tokens
+per target forward and the wall-clock ratio. In bf16 an argmax can legitimately flip on a near-tie
+between the baseline's one-token steps and a multi-token verification; the rate is reported as
+measured.
 
 Estimated time on one H100/H200 (not measured: no GPU here), from FLOPs and typical eager-mode
-step costs: ~20 s to import and initialise both 7B models on the device; ~30 s of pair timing
-(target prefill ~29 TFLOP ≈ 60-100 ms, per-token steps and verifications ≈ 15-30 ms each, SD
-with an untrained adapter ≈ 30 rounds of 5 draft steps); ~30 s for 50 mini samples; about 1.5
-minutes in all with a built mini world, plus ~4 minutes of CPU training when it must be built.
+step costs: ~20 s to import and initialise both 7B models on the device; ~40 s of pair timing
+(target prefill ~29 TFLOP ≈ 60-100 ms, per-token steps and verifications ≈ 15-30 ms each, six
+rounds of probes including `generate` at 1, 15 and 30 tokens, SD with an untrained adapter ≈ 30
+rounds of 5 draft steps); ~30 s for 50 mini samples; about 1.5-2 minutes in all with a built mini
+world, plus ~4 minutes of CPU training when it must be built.
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ import argparse
 import gc
 import json
 import platform
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,45 +61,41 @@ from typing import Any
 import numpy as np
 import torch
 
-# Runnable as a script from the repository root without installing the package.
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cross_modal_sd.data.events import EventStream  # noqa: E402
-from cross_modal_sd.decoding import (  # noqa: E402
+from cross_modal_sd.config import group_option
+from cross_modal_sd.data.dsec import SENSOR_SIZE
+from cross_modal_sd.data.events import EventStream
+from cross_modal_sd.decoding import (
     AdapterDrafter,
     DraftInputs,
     DraftPolicy,
     GreedySpec,
+    LocalRunner,
     SDConfig,
     TargetInputs,
+    ThreadPlan,
     hf_greedy,
     speculative_generate,
     thread_budget,
 )
-from cross_modal_sd.decoding.timing import clock_ms, synchronize  # noqa: E402
-from cross_modal_sd.models.prompts import EVENT_PLACEHOLDER_ID  # noqa: E402
-from cross_modal_sd.models.real import (  # noqa: E402
-    PAIR_SHAPES,
-    TEXT_VOCAB,
-    VIDEO_FRAMES,
-    PairShapes,
-    random_pair,
-    resolve_dtype,
-)
-from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder, crop_cache  # noqa: E402
+from cross_modal_sd.models.architectures import PAIR_SHAPES, VIDEO_FRAMES, PairShapes, random_pair
+from cross_modal_sd.models.prompts import EVENT_PLACEHOLDER_ID
+from cross_modal_sd.models.real import TEXT_VOCAB, resolve_dtype
+from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder
+from cross_modal_sd.speedup import CostProfile
+from cross_modal_sd.speedup.measure import ProfileModels, measure_profile
+from cross_modal_sd.world.config import MiniWorldConfig
 
 QUESTION = "What is happening in this driving scene?"
-SENSOR_SIZE = (480, 640)
 EOS_ID = 2  # Vicuna's </s>
 # Text ids around the visual block in the real prompts with a ~10-word question (Llama tokenizer,
 # BOS included): `USER: <video>\n{q} ASSISTANT:` and EventGPT's Vicuna v1 system prompt +
 # `USER: <event>\n{q} ASSISTANT:`. Estimates within a few ids; the visual blocks dominate.
 TARGET_TEXT_IDS = (5, 16)
 DRAFT_TEXT_IDS = (38, 16)
-MINI_DECODING = REPO / "conf" / "decoding" / "draft_model.yaml"
+MINI_DECODING = ("decoding", "draft_model")  # conf/decoding/draft_model.yaml
 MISMATCHES_KEPT = 10
 BASELINE = "baseline"
+BASELINE_LOOP = "generate"  # the baseline loop of the cost profile (HF greedy `generate`)
 
 
 def _ks(text: str) -> list[int]:
@@ -140,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=30, help="answer cap of the pair run")
     p.add_argument("--gamma", type=int, default=5, help="drafts per round of the pair's SD run")
     p.add_argument("--ks", type=_ks, default="1,2,4,8,16,32", help="verify draft counts k")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per cost (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of every cost probe (mean)")
     p.add_argument(
         "--adapter",
         default=None,
@@ -200,12 +201,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--adapter {args.adapter}: no such file (pass an exported best_model.pt)")
     args.mini_strategies = [s.strip() for s in args.mini_strategies.split(",") if s.strip()]
     if args.mini_samples:
-        from omegaconf import OmegaConf
-
-        from cross_modal_sd.evaluation.e2e import parse_strategies
+        from cross_modal_sd.evaluation.strategies import parse_strategies
 
         try:
-            sd = parse_strategies(args.mini_strategies, OmegaConf.load(MINI_DECODING), 2, None)
+            sd = parse_strategies(args.mini_strategies, group_option(*MINI_DECODING), 2, None)
         except ValueError as err:
             p.error(f"--mini-strategies: {err}")
         if not sd or any(s.kind != "sd" for s in sd):
@@ -229,6 +228,12 @@ def models_config(args: argparse.Namespace) -> dict[str, Any]:
         "event_frames": args.event_frames,
         "max_new_tokens": args.max_new_tokens,
     }
+
+
+def baseline_lengths(max_new_tokens: int) -> list[int]:
+    """Answer lengths the cost profile times the baseline at: the prefill alone, half the cap
+    and the cap (at least two distinct lengths: `--max-new-tokens` is >= 2)."""
+    return sorted({1, max(2, max_new_tokens // 2), max_new_tokens})
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -261,7 +266,11 @@ class Progress:
 
 @dataclass
 class CheckPair:
-    """What the pair section times: both decoders, one sample's inputs and what to report."""
+    """What the pair section times: both decoders, one sample's inputs and what to report.
+
+    `loaded` is the `cross_modal_sd.pair.PairModels` of released checkpoints (None for random
+    weights): an --adapter is checked against it before any timing.
+    """
 
     target: TargetDecoder
     draft: DraftDecoder
@@ -272,6 +281,7 @@ class CheckPair:
     sample: dict[str, Any]
     decode: Any = None  # token ids -> text (None: no tokenizer)
     shapes: dict[str, Any] | None = None
+    loaded: Any = None
 
 
 def synthetic_clip(seed: int = 0) -> tuple[np.ndarray, EventStream]:
@@ -289,48 +299,58 @@ def synthetic_clip(seed: int = 0) -> tuple[np.ndarray, EventStream]:
 
 
 def sample_inputs(pair, args: argparse.Namespace) -> tuple[TargetInputs, DraftInputs, str]:
-    """Both checkpoints' inputs for the check's one sample, on the models' device and dtype."""
+    """Both checkpoints' inputs for the check's one sample, on the models' device and dtype.
+
+    Raises:
+        ValueError: --dsec-root holds no clip.
+    """
     spec = pair.inputs
     if args.dsec_root:
-        from cross_modal_sd.models.real import dsec_samples
+        from cross_modal_sd.pair import DsecSource
 
-        data = {
-            "source": "dsec",
-            "root": args.dsec_root,
-            "clip_ms": args.clip_ms,
-            "event_ms": args.event_ms,
-            "n_frames": spec.n_frames,
-            "questions": [args.question],
-            "val_fraction": 0,
-            "test_fraction": 0,
-        }
-        sample_id, sample = next(dsec_samples(pair, data, "train", n_clips=1))
+        source = DsecSource(
+            root=args.dsec_root,
+            split="train",
+            start=0,
+            count=1,
+            clip_ms=args.clip_ms,
+            event_ms=args.event_ms,
+            n_frames=spec.n_frames,
+            questions=[args.question],
+            val_fraction=0,  # every sequence in one split: the root's first clip is the sample
+            test_fraction=0,
+        )
+        first = next(source.samples(pair), None)
+        if first is None:
+            raise ValueError(f"--dsec-root {args.dsec_root}: no clip of {args.clip_ms} ms found")
+        sample_id, sample = first
         ids_t, frames, ids_d, events = (
             sample.target_ids,
             sample.frames,
             sample.draft_ids,
             sample.event_pixels,
         )
-        source = f"DSEC {sample_id}"
+        source_name = f"DSEC {sample_id}"
     else:
         images, stream = synthetic_clip()
         ids_t, frames = spec.target_ids(args.question), spec.frames(images)
         ids_d = spec.draft_ids(args.question)
         events = spec.event_pixels(stream, SENSOR_SIZE, "synthetic events")
-        source = "synthetic (random frames and events)"
+        source_name = "synthetic (random frames and events)"
     t, d = pair.target.model, pair.draft.model
     return (
         TargetInputs(ids_t.to(t.device), frames.to(t.device, t.dtype)),
         DraftInputs(ids_d.to(d.device), events.to(d.device, d.dtype)),
-        source,
+        source_name,
     )
 
 
 def checkpoint_pair(args: argparse.Namespace) -> CheckPair:
-    """The released checkpoints (`models.real.load_real_pair`) and one real or synthetic sample."""
-    from cross_modal_sd.models.real import load_real_pair
+    """The released checkpoints (`cross_modal_sd.pair.load_pair`) and one real or synthetic
+    sample."""
+    from cross_modal_sd.pair import load_pair
 
-    pair = load_real_pair(models_config(args))
+    pair = load_pair(models_config(args))
     t_in, d_in, source = sample_inputs(pair, args)
     return CheckPair(
         target=pair.target,
@@ -341,6 +361,7 @@ def checkpoint_pair(args: argparse.Namespace) -> CheckPair:
         models={"target": args.target, "draft": args.draft},
         sample={"source": source, "question": args.question},
         decode=pair.tokenizer.decode,
+        loaded=pair,
     )
 
 
@@ -355,8 +376,9 @@ def random_inputs(
     prompts hold it) and random pixels at the towers' input sizes."""
     gen = torch.Generator().manual_seed(seed)
     n_video = VIDEO_FRAMES * shapes.tokens_per_image(shapes.frame_size)
+    video_id = shapes.target_config().video_token_index
     (tb, ta), (db, da) = TARGET_TEXT_IDS, DRAFT_TEXT_IDS
-    target_ids = [1, *_text_ids(tb - 1, gen), *[32001] * n_video, *_text_ids(ta, gen)]
+    target_ids = [1, *_text_ids(tb - 1, gen), *[video_id] * n_video, *_text_ids(ta, gen)]
     draft_ids = [1, *_text_ids(db - 1, gen), EVENT_PLACEHOLDER_ID, *_text_ids(da, gen)]
     f, e = shapes.frame_size, shapes.event_size
     frames = torch.randn(1, VIDEO_FRAMES, 3, f, f, generator=gen)  # (1, F, 3, H, W)
@@ -392,8 +414,8 @@ def random_check_pair(args: argparse.Namespace, dtype: torch.dtype) -> CheckPair
         sample={"source": "random prompt ids at the real prompts' lengths, random pixels"},
         shapes={
             "name": shapes.name,
-            "decoder": dict(shapes.decoder),
-            "tower": dict(shapes.tower),
+            "decoder": asdict(shapes.decoder),
+            "tower": asdict(shapes.tower),
             "frame_size": shapes.frame_size,
             "event_size": shapes.event_size,
             "video_tokens": VIDEO_FRAMES * per_frame,
@@ -404,107 +426,102 @@ def random_check_pair(args: argparse.Namespace, dtype: torch.dtype) -> CheckPair
     )
 
 
-def _median_ms(fn, device, repeats: int, reset=None) -> float:
-    """Median synchronised wall time of `fn` after one untimed warm-up; `reset` runs untimed
-    after every call (e.g. cropping a cache back)."""
-    times = []
-    for i in range(repeats + 1):
-        synchronize(device)
-        start = clock_ms()
-        fn()
-        synchronize(device)
-        if i:
-            times.append(clock_ms() - start)
-        if reset is not None:
-            reset()
-    return float(np.median(times))
-
-
 @torch.inference_mode()
-def decoder_costs(
-    dec, prefill_args: tuple, answer: list[int], device, repeats: int, ks: list[int] = ()
-) -> dict[str, Any]:
-    """Prefill ms, ms per token and (for each k) ms of one forward over k + 1 tokens, which is
-    what verifying k drafts costs: [last committed token, d_1 .. d_k]."""
-    out: dict[str, Any] = {
-        "prefill_ms": _median_ms(lambda: dec.prefill(*prefill_args), device, repeats)
-    }
-    cache = dec.prefill(*prefill_args).cache
-    length = cache.get_seq_length()
-
-    def rewind() -> None:
-        crop_cache(cache, length)
-
-    step = torch.tensor([answer[:1]], device=device)
-    out["token_ms"] = _median_ms(lambda: dec.forward_tokens(step, cache), device, repeats, rewind)
-    out["verify_ms"] = {}
-    for k in ks:
-        ids = torch.tensor([(answer * (k // len(answer) + 2))[: k + 1]], device=device)
-        out["verify_ms"][str(k)] = _median_ms(
-            lambda ids=ids: dec.forward_tokens(ids, cache), device, repeats, rewind
-        )
-    out["prompt_positions"] = length
-    return out
-
-
-def measure_costs(
-    pair: CheckPair, answer: list[int], ks: list[int], repeats: int
-) -> dict[str, Any]:
-    """Both models' costs on the sample (medians); verify timings for the target only."""
+def prompt_positions(pair: CheckPair) -> tuple[int, int]:
+    """Cache positions after each model's prefill of the sample: (target, draft). The target's
+    prompt holds its video tokens already; the draft's placeholder becomes its event tokens."""
     t_in, d_in = pair.target_inputs, pair.draft_inputs
-    device = t_in.device
-    t = decoder_costs(
-        pair.target, (t_in.input_ids, t_in.pixel_values_videos), answer, device, repeats, ks
-    )
-    d = decoder_costs(pair.draft, (d_in.input_ids, d_in.event_pixels), answer, device, repeats)
-    return {
-        "target_prefill_ms": t["prefill_ms"],
-        "target_token_ms": t["token_ms"],
-        "verify_ms": t["verify_ms"],
-        "draft_prefill_ms": d["prefill_ms"],
-        "draft_token_ms": d["token_ms"],
-        "target_prompt_positions": t["prompt_positions"],
-        "draft_prompt_positions": d["prompt_positions"],
-    }
+    target = pair.target.prefill(t_in.input_ids, t_in.pixel_values_videos).cache
+    draft = pair.draft.prefill(d_in.input_ids, d_in.event_pixels).cache
+    return target.get_seq_length(), draft.get_seq_length()
 
 
-def _untrained_l1(draft, target):
+def _untrained_l1(draft: DraftDecoder, target: TargetDecoder) -> tuple[torch.nn.Module, str]:
     from cross_modal_sd.adapters import build_adapter
 
     d_in = int(draft.lm_head_weight.shape[1])
     d_out = int(target.lm_head_weight.shape[1])
-    return build_adapter("L1", d_in, d_out), "untrained L1 (acceptance meaningless)"
+    adapter = build_adapter(group_option("adapter", "L1"), d_in, d_out)
+    return adapter, "untrained L1 (acceptance meaningless)"
+
+
+def pair_adapter(pair: CheckPair, adapter_path: str | None) -> tuple[torch.nn.Module, str]:
+    """The pair's drafter adapter: the export at `adapter_path` (checked against the loaded
+    checkpoints) or an untrained L1.
+
+    Raises:
+        cross_modal_sd.exports.ExportError: the export is unreadable or was trained for other
+            models.
+    """
+    if not adapter_path:
+        return _untrained_l1(pair.draft, pair.target)
+    from cross_modal_sd.exports import check_export_fits, load_export
+
+    export = load_export(adapter_path)
+    if pair.loaded is not None:
+        check_export_fits(export, pair.loaded)
+    return export.adapter, adapter_path
 
 
 def run_pair(
     pair: CheckPair, args: argparse.Namespace, progress: Progress, adapter_path: str | None
 ) -> dict[str, Any]:
-    """Baseline, costs and one SD run of the pair; the report's pair entries."""
+    """Baseline, cost profile and one SD run of the pair; the report's pair entries."""
     t_in, d_in = pair.target_inputs, pair.draft_inputs
+    device = t_in.device
+    adapter, adapter_name = pair_adapter(pair, adapter_path)  # fails before any timing
     spec = GreedySpec(args.max_new_tokens, pair.target.vocab_limit, pair.eos_id)
     with progress.stage("baseline", "pair: baseline (target generate, greedy)"):
         baseline = hf_greedy(pair.target.model, t_in, spec, warmup=1)
     answer = baseline.tokens
-    with progress.stage("costs", f"pair: costs (prefills, steps, verify k = {args.ks})"):
-        costs = measure_costs(pair, answer, args.ks, args.repeats)
 
-    if adapter_path:
-        from cross_modal_sd.evaluation.checkpoint import load_export
-
-        adapter, adapter_name = load_export(adapter_path).adapter, adapter_path
-    else:
-        adapter, adapter_name = _untrained_l1(pair.draft, pair.target)
-    adapter = adapter.to(t_in.device).eval()
-    drafter = AdapterDrafter(pair.draft, adapter, pair.target.logits)
-    sd_cfg = SDConfig(
-        policy=DraftPolicy(kind="fixed", gamma=args.gamma),
-        decode="draft_model",
-        max_new_tokens=args.max_new_tokens,
-        eos_token_id=pair.eos_id,
-    )
-    with progress.stage("sd", f"pair: speculative decoding (gamma {args.gamma}, draft_model)"):
-        speculative_generate(pair.target, drafter, t_in, d_in, sd_cfg)  # warm-up
-        sd = speculative_generate(pair.target, drafter, t_in, d_in, sd_cfg).to_dict()
+    drafter = AdapterDrafter(pair.draft, adapter.to(device).eval(), pair.target.head)
+    plan = ThreadPlan()  # the target's threads as they are (--threads on a CPU)
+    lengths = baseline_lengths(args.max_new_tokens)
+    with LocalRunner(drafter, device) as runner:
+        label = f"pair: cost profile (prefills, steps, verify k = {args.ks}, generate at {lengths})"
+        with progress.stage("costs", label):
+            target_positions, draft_positions = prompt_positions(pair)
+            models = ProfileModels(
+                target=pair.target,
+                runner=runner,
+                target_inputs=t_in,
+                draft_inputs=d_in,
+                baselines={
+                    BASELINE_LOOP: lambda s: hf_greedy(pair.target.model, t_in, s, warmup=0)
+                },
+                meta={
+                    "models": f"{pair.models['target']} / {pair.models['draft']}",
+                    "adapter": adapter_name,
+                    "dtype": str(pair.target.model.dtype).removeprefix("torch."),
+                    "shapes": pair.shapes["name"] if pair.shapes else None,
+                    "sample": pair.sample["source"],
+                    "runner": "LocalRunner",
+                    "target_prompt_positions": target_positions,
+                    "draft_prompt_positions": draft_positions,
+                    "baseline_lengths": lengths,
+                },
+            )
+            profile = measure_profile(
+                models,
+                plan,
+                repeats=args.repeats,
+                verify_drafts=args.ks,
+                baseline_lengths=lengths,
+                baseline=BASELINE_LOOP,
+                name="gpu_check",
+                source=f"scripts/gpu_check.py probes on {device}",
+            )
+        sd_cfg = SDConfig(
+            policy=DraftPolicy(kind="fixed", gamma=args.gamma),
+            decode="draft_model",
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=pair.eos_id,
+        )
+        with progress.stage("sd", f"pair: speculative decoding (gamma {args.gamma}, draft_model)"):
+            speculative_generate(pair.target, runner, t_in, d_in, sd_cfg, threads=plan)  # warm-up
+            sd = speculative_generate(pair.target, runner, t_in, d_in, sd_cfg, threads=plan)
+    sd = sd.to_dict()
     sd["lossless"] = sd["tokens"] == answer
 
     sample = dict(pair.sample)
@@ -515,24 +532,35 @@ def run_pair(
         "dtype": str(pair.target.model.dtype).removeprefix("torch."),
         "shapes": pair.shapes,
         "sample": sample,
-        "costs": costs,
+        "cost_profile": profile.to_dict(),
         "baseline": {"total_ms": baseline.total_ms, "n_new": baseline.n_new, "tokens": answer},
         "sd": sd,
-        "ratios": {
-            # DESIGN §5: the prior pair had ~0.43, ~0.27 and ~0.7 here.
-            "target_prefill_over_baseline": costs["target_prefill_ms"] / baseline.total_ms,
-            "draft_prefill_over_target_prefill": costs["draft_prefill_ms"]
-            / costs["target_prefill_ms"],
-            "draft_token_over_target_token": costs["draft_token_ms"] / costs["target_token_ms"],
-            "speedup": baseline.total_ms / sd["total_ms"],
+        "ratios": cost_ratios(profile, baseline.total_ms, sd["total_ms"]),
+        "concurrency": {
+            "runner": "LocalRunner: "
+            + ("its own CUDA stream" if device.type == "cuda" else "a thread"),
+            "target_contention": profile.target_contention,
+            "draft_contention": profile.draft_contention,
+            "round_trip_ms": profile.round_trip_ms,
         },
+    }
+
+
+def cost_ratios(profile: CostProfile, baseline_ms: float, sd_ms: float) -> dict[str, float]:
+    """The cost shape (docs/design.md §12: the prior pair had ~0.43, ~0.27 and ~0.7 here) from
+    the profile and the measured baseline, and SD's wall-clock speedup."""
+    return {
+        "target_prefill_over_baseline": profile.target_prefill_ms / baseline_ms,
+        "draft_prefill_over_target_prefill": profile.draft_prefill_ms / profile.target_prefill_ms,
+        "draft_token_over_target_token": profile.draft_token_ms / profile.target_token_ms,
+        "speedup": baseline_ms / sd_ms,
     }
 
 
 # ---------------------------------------------------------------------------- the mini world
 
 
-def mini_world_source(mini_root: str | Path) -> tuple[Path, Any]:
+def mini_world_source(mini_root: str | Path) -> tuple[Path, MiniWorldConfig]:
     """(directory of builds, `MiniWorldConfig`) that `--mini-root` names.
 
     A directory holding ``BUILD.json`` is one build: its recorded config is used. Anything else
@@ -541,8 +569,6 @@ def mini_world_source(mini_root: str | Path) -> tuple[Path, Any]:
     Raises:
         ValueError: `mini_root` is a file, or a build whose name is not its config's digest.
     """
-    from cross_modal_sd.world.build import MiniWorldConfig
-
     root = Path(mini_root)
     if root.is_file():
         raise ValueError(f"--mini-root {root}: is a file; pass a directory of builds or one build")
@@ -561,48 +587,41 @@ def mini_world_source(mini_root: str | Path) -> tuple[Path, Any]:
     return root.parent, config
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
-
-
 @dataclass
 class MiniCheck:
     """The mini world's pair on the CPU, its SD strategies, drafter adapter and test samples."""
 
-    pair: Any  # extract.PairModels
-    strategies: list  # evaluation.e2e.Strategy
+    pair: Any  # cross_modal_sd.pair.PairModels
+    strategies: list  # cross_modal_sd.evaluation.strategies.Strategy
     adapter: torch.nn.Module
     adapter_name: str
-    samples: list  # extract.PairSample
+    samples: list  # cross_modal_sd.pair.PairSample
 
 
 def prepare_mini(args: argparse.Namespace) -> MiniCheck:
     """Opens (or builds) the mini world and checks the adapter fits it, before any timing.
 
     Raises:
-        ValueError: a bad --mini-root; `evaluation.checkpoint.CheckpointError` (a ValueError)
-            when --adapter was trained for other hidden sizes.
+        ValueError: a bad --mini-root; `cross_modal_sd.exports.ExportError` (a ValueError) when
+            --adapter was trained for other hidden sizes.
     """
-    from omegaconf import OmegaConf
-
-    from cross_modal_sd.evaluation.e2e import parse_strategies
-    from cross_modal_sd.extract import load_pair, mini_samples
+    from cross_modal_sd.evaluation.strategies import parse_strategies
+    from cross_modal_sd.pair import MiniSource, load_pair
 
     root, config = mini_world_source(args.mini_root)
-    pair = load_pair(OmegaConf.create({"kind": "mini", "root": str(root), "world": asdict(config)}))
-    decoding = OmegaConf.load(MINI_DECODING)
+    pair = load_pair({"kind": "mini", "root": str(root), "world": asdict(config)})
+    decoding = group_option(*MINI_DECODING)
     strategies = parse_strategies(args.mini_strategies, decoding, pair.max_new_tokens, pair.eos_id)
     if args.adapter:
-        from cross_modal_sd.evaluation.checkpoint import check_export_fits, load_export
+        from cross_modal_sd.exports import check_export_fits, load_export
 
         export = load_export(args.adapter)
         check_export_fits(export, pair)
         adapter, adapter_name = export.adapter, args.adapter
     else:
         adapter, adapter_name = _untrained_l1(pair.draft, pair.target)
-    samples = list(islice(mini_samples(pair, "test", 0, config.test_scenes), args.mini_samples))
+    source = MiniSource(split="test", start=0, count=pair.world.config.test_scenes)
+    samples = [s for _, s in islice(source.samples(pair), args.mini_samples)]
     if not samples:
         raise ValueError(f"mini world {pair.world.root}: its test split has no samples")
     return MiniCheck(pair, strategies, adapter, adapter_name, samples)
@@ -622,17 +641,18 @@ def run_mini(
     As `evaluate.py` times them: every method on every sample, the order rotating from sample
     to sample, after one untimed run of each on the first sample.
     """
-    from cross_modal_sd.analysis.report import summarize_strategy
+    from cross_modal_sd.evaluation.report import summarize_strategy
 
     pair, strategies, samples = mini.pair, mini.strategies, mini.samples
     device = torch.device(args.device)
     pair.target.model.to(device, dtype).eval()
     pair.draft.model.to(device, dtype).eval()
     # As evaluation runs it: the adapter keeps its own dtype and reads casted draft states.
-    drafter = AdapterDrafter(pair.draft, mini.adapter.to(device).eval(), pair.target.logits)
+    drafter = AdapterDrafter(pair.draft, mini.adapter.to(device).eval(), pair.target.head)
     max_new = pair.max_new_tokens
     spec = GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id)
     configs = {s.name: s.sd for s in strategies}
+    plan = ThreadPlan()
 
     def inputs(sample) -> tuple[TargetInputs, DraftInputs]:
         return (
@@ -640,15 +660,22 @@ def run_mini(
             DraftInputs(sample.draft_ids.to(device), sample.event_pixels.to(device, dtype)),
         )
 
-    def run(name: str, t_in: TargetInputs, d_in: DraftInputs) -> dict[str, Any]:
-        if name == BASELINE:
-            return hf_greedy(pair.target.model, t_in, spec, warmup=0).to_dict()
-        return speculative_generate(pair.target, drafter, t_in, d_in, configs[name]).to_dict()
-
     methods = [BASELINE, *configs]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     label = f"mini world: {len(samples)} test samples x {methods} on {device} {dtype}"
-    with progress.stage("mini_runs", label), thread_budget(args.threads):
+    with (
+        progress.stage("mini_runs", label),
+        thread_budget(args.threads),
+        LocalRunner(drafter, device) as runner,
+    ):
+
+        def run(name: str, t_in: TargetInputs, d_in: DraftInputs) -> dict[str, Any]:
+            if name == BASELINE:
+                return hf_greedy(pair.target.model, t_in, spec, warmup=0).to_dict()
+            return speculative_generate(
+                pair.target, runner, t_in, d_in, configs[name], threads=plan
+            ).to_dict()
+
         for m in methods:
             run(m, *inputs(samples[0]))
         for i, sample in enumerate(samples):
@@ -703,7 +730,11 @@ def run_mini(
 
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
-    """Builds or loads the models and measures everything; returns the report."""
+    """Builds or loads the models and measures everything; returns the report.
+
+    Raises:
+        RuntimeError: a CUDA device asked for where torch sees none (before anything loads).
+    """
     import transformers
 
     cuda = str(args.device).startswith("cuda")
@@ -718,6 +749,11 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         # Everything that can fail on a bad world or adapter fails before the long part.
         with progress.stage("mini_load", f"mini world: open (or build) under {args.mini_root}"):
             mini = prepare_mini(args)
+    pair_adapter_path = args.adapter if args.checkpoints else None
+    if pair_adapter_path:
+        from cross_modal_sd.exports import load_export
+
+        load_export(pair_adapter_path)  # an unreadable export fails before the 7B models load
     what = (
         f"checkpoints {args.target} / {args.draft}"
         if args.checkpoints
@@ -739,7 +775,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         "load_s": round(progress.seconds["load"], 1),
     }
     with thread_budget(args.threads):
-        report |= run_pair(pair, args, progress, args.adapter if args.checkpoints else None)
+        report |= run_pair(pair, args, progress, pair_adapter_path)
     del pair  # frees the 7B pair before the mini world moves to the device
     gc.collect()
     if cuda:
@@ -766,39 +802,55 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
-    from cross_modal_sd.analysis.speedup_model import profile_from_gpu_check
+    from cross_modal_sd.evaluation.report import REFERENCE_COSTS
 
     console = Console(width=120)
-    env, c, r = report["environment"], report["costs"], report["ratios"]
+    env, r = report["environment"], report["ratios"]
+    profile = CostProfile.from_dict(report["cost_profile"], str(out))
+    meta = profile.meta
     title = (
         f"gpu_check: {report['models']['target']} / {report['models']['draft']}, "
         f"{report['dtype']} on {env['device']}"
     )
     costs = Table("cost", "ms", "note", title=title, title_justify="left")
     costs.add_row(
-        "target prefill", f"{c['target_prefill_ms']:.2f}", f"{c['target_prompt_positions']} pos."
+        "target prefill",
+        f"{profile.target_prefill_ms:.2f}",
+        f"{meta.get('target_prompt_positions')} pos.",
     )
-    costs.add_row("target per token", f"{c['target_token_ms']:.2f}", "")
-    for k, ms in c["verify_ms"].items():
-        costs.add_row(f"verify k={k}", f"{ms:.2f}", f"one forward over {int(k) + 1} tokens")
+    costs.add_row("target per token", f"{profile.target_token_ms:.2f}", "")
+    for k, ms in profile.verify_points:
+        costs.add_row(f"verify k={k}", f"{ms:.2f}", f"one forward over {k + 1} tokens")
     costs.add_row(
-        "draft prefill", f"{c['draft_prefill_ms']:.2f}", f"{c['draft_prompt_positions']} pos."
+        "draft prefill",
+        f"{profile.draft_prefill_ms:.2f}",
+        f"{meta.get('draft_prompt_positions')} pos.",
     )
-    costs.add_row("draft per token", f"{c['draft_token_ms']:.2f}", "")
+    costs.add_row("draft per token", f"{profile.draft_token_ms:.2f}", "")
+    costs.add_row("adapter per draft", f"{profile.adapter_ms:.3f}", "adapter + target lm_head")
+    costs.add_row("round trip", f"{profile.round_trip_ms:.3f}", "one command to the drafter")
+    if profile.baseline_prefill_ms is not None:
+        costs.add_row(
+            f"{BASELINE_LOOP} line",
+            f"{profile.baseline_prefill_ms:.2f} + {profile.baseline_token_ms:.2f} (n - 1)",
+            f"n answer tokens (timed at n = {meta.get('baseline_lengths')})",
+        )
     console.print(costs)
 
-    profile = profile_from_gpu_check(report, str(out))
     a, b = profile.verify_line
     base, sd = report["baseline"], report["sd"]
+    ref = REFERENCE_COSTS
     console.print(
         f"baseline {base['total_ms']:.1f} ms for {base['n_new']} tokens; SD {sd['total_ms']:.1f} "
         f"ms ({r['speedup']:.2f}x, {report['models']['adapter']}), lossless {sd['lossless']}\n"
-        f"cost shape (prior pair ~0.43 / ~0.27 / ~0.7): target prefill / baseline "
+        f"cost shape (prior pair ~{ref['target_prefill_share']} / ~{ref['draft_prefill_ratio']} "
+        f"/ ~{ref['draft_token_ratio']}): target prefill / baseline "
         f"{r['target_prefill_over_baseline']:.2f}, draft / target prefill "
         f"{r['draft_prefill_over_target_prefill']:.2f}, draft / target per token "
         f"{r['draft_token_over_target_token']:.2f}\n"
-        f"as a cost profile: V(k) = {a:.2f} + {b:.3f} k ms, adapter {profile.adapter_ms:.3f} "
-        f"ms/draft, round-1 contention {profile.contention:.2f}"
+        f"as a cost profile: V(k) = {a:.2f} + {b:.3f} k ms, round-1 target contention "
+        f"{profile.target_contention:.2f} (draft {profile.draft_contention:.2f}), round trip "
+        f"{profile.round_trip_ms:.3f} ms ({report['concurrency']['runner']})"
     )
     mini = report.get("mini")
     if mini:
@@ -819,6 +871,9 @@ def print_report(report: dict[str, Any], out: Path) -> None:
             title_justify="left",
         )
         for name, s in mini["strategies"].items():
+            speedup = s["speedup"]
+            ci = speedup.get("ci95")
+            ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
             table.add_row(
                 name,
                 f"{s['lossless_rate']:.1%}",
@@ -827,7 +882,7 @@ def print_report(report: dict[str, Any], out: Path) -> None:
                 f"{s['accepted_per_round']:.2f}",
                 f"{s['first_round_accepted_mean']:.2f}",
                 f"{s['total_ms']:.1f}",
-                f"{s['speedup']['ratio_of_means']:.2f}",
+                f"{speedup['ratio_of_means']:.2f}{ci_text}",
             )
         console.print(table)
         line = f"mini lossless rate {mini['lossless_rate']:.1%} ({mini['lossless_samples']}/"

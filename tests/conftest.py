@@ -2,11 +2,17 @@
 
 import pytest
 
+from cross_modal_sd.config import register_resolvers
+
+# What the entry points do before Hydra composes: tests compose conf/ themselves.
+register_resolvers()
+
 SMALL_WORLD = {
     "train_scenes": 40,
     "val_scenes": 4,
     "test_scenes": 4,
     "max_new_tokens": 24,
+    "target_tower": {"hidden": 64, "layers": 2, "heads": 4, "mlp": 256},  # fast to train
     "target_train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "perception_steps": 20},
     "draft_train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "perception_steps": 20},
 }

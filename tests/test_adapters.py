@@ -18,14 +18,13 @@ from cross_modal_sd.adapters import (
     adapter_from_payload,
     adapter_payload,
     build_adapter,
-    load_adapter,
-    load_adapter_config,
-    save_adapter,
 )
+from cross_modal_sd.config import group_option
+from cross_modal_sd.exports import ExportError, load_export, save_export
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "adapter"
 LEVELS = ["L1", "L2", "L3", "L4", "L5"]
-# DESIGN §8 sizes at d = 4096 ...
+# docs/design.md §8 sizes at d = 4096 ...
 TARGET_PARAMS = {"L1": 2.1e6, "L2": 6.3e6, "L3": 16.8e6, "L4": 100e6, "L5": 100e6}
 # ... and the exact counts of this implementation (biases, LayerNorms and alphas included).
 EXACT_PARAMS = {
@@ -40,7 +39,7 @@ SMALL = {"L4": {"ffn_dim": 64}, "L5": {"ffn_dim": 64, "head_bottleneck": 16}}
 
 
 def small_adapter(level: str, in_dim: int = 32, out_dim: int = 32, **overrides) -> Adapter:
-    cfg = {**load_adapter_config(level), **SMALL.get(level, {}), **overrides}
+    cfg = {**group_option("adapter", level), **SMALL.get(level, {}), **overrides}
     return build_adapter(cfg, in_dim, out_dim)
 
 
@@ -219,11 +218,11 @@ def test_save_and_load_adapter_file(tmp_path):
     torch.manual_seed(0)
     adapter = randomize_(small_adapter("L2"))
     path = tmp_path / "best_model.pt"
-    save_adapter(adapter, path, metrics={"val/cos_sim": 0.9})
+    save_export(adapter, path, metrics={"val/cos_sim": 0.9})
     h = torch.randn(1, 3, 32)
-    assert torch.equal(load_adapter(path).eval()(h), adapter(h))
-    with pytest.raises(FileNotFoundError, match="adapter file not found"):
-        load_adapter(tmp_path / "missing.pt")
+    assert torch.equal(load_export(path).adapter.eval()(h), adapter(h))
+    with pytest.raises(ExportError, match=r"missing\.pt: no such file"):
+        load_export(tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -248,14 +247,14 @@ def test_hydra_instantiate_and_build_adapter_agree():
     cfg = OmegaConf.load(CONF_DIR / "L3.yaml")
     via_hydra = instantiate(cfg, in_dim=32, out_dim=40)
     via_build = build_adapter(cfg, 32, 40)
-    via_name = build_adapter("L3", 32, 40)
+    via_name = build_adapter(group_option("adapter", "L3"), 32, 40)
     assert via_hydra.config == via_build.config == via_name.config
     assert via_build.config["in_dim"] == 32 and via_build.config["out_dim"] == 40
 
 
 def test_unknown_name_and_target_errors():
-    with pytest.raises(UnknownAdapterError, match=r"'L9'.*known names: L1, L2, L3, L4, L5"):
-        build_adapter("L9", 32, 32)
+    with pytest.raises(ValueError, match=r"unknown adapter 'L9'.*known: L1, L2, L3, L4, L5"):
+        group_option("adapter", "L9")
     with pytest.raises(UnknownAdapterError, match=r"'os\.system'.*known targets: .*EagleAdapter"):
         build_adapter({"_target_": "os.system", "name": "L1"}, 32, 32)
     with pytest.raises(ValueError, match="no '_target_'"):
@@ -267,7 +266,7 @@ def test_build_adapter_dim_errors():
     with pytest.raises(ValueError, match=r"in_dim=32 but in_dim=64 was requested"):
         build_adapter(config, in_dim=64)
     with pytest.raises(ValueError, match="has no out_dim and none was passed"):
-        build_adapter(load_adapter_config("L1"), in_dim=32)
+        build_adapter(group_option("adapter", "L1"), in_dim=32)
     with pytest.raises(ValueError, match="in_dim must be a positive int"):
         BottleneckAdapter(0, 32)
 

@@ -21,7 +21,7 @@ from cross_modal_sd.decoding import (
     wrapper_greedy,
 )
 from cross_modal_sd.decoding.baselines import greedy_generation_config
-from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
+from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.prompts import encode_target_prompt
 from cross_modal_sd.models.wrappers import TargetDecoder
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit

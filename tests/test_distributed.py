@@ -22,9 +22,11 @@ from omegaconf import OmegaConf
 
 import cross_modal_sd.evaluation.e2e as e2e_module
 import cross_modal_sd.extract as extract_module
+from cross_modal_sd.config import group_option
 from cross_modal_sd.data.cache import PARTS_DIR, CacheError, HiddenPairCache, merge_parts
 from cross_modal_sd.data.sharding import Shard, resolve_shard
 from cross_modal_sd.decoding import thread_budget
+from cross_modal_sd.exports import save_export
 from cross_modal_sd.extract import extract
 
 N_SCENES = 3  # about 20 samples of the small world
@@ -34,8 +36,12 @@ def _extract_cfg(models, out: Path, **shard):
     return OmegaConf.create(
         {
             "models": models,
-            "data": {"source_split": "train", "start": 600, "n_scenes": N_SCENES},
-            "split": "train",
+            "source": {
+                "_target_": "cross_modal_sd.pair.sources.MiniSource",
+                "split": "train",
+                "start": 600,
+                "count": N_SCENES,
+            },
             "out_dir": str(out),
             "dtype": "float32",
             "shard_samples": 2,
@@ -317,15 +323,17 @@ EVAL_SCENES = 2
 @pytest.fixture(scope="module")
 def eval_export(small_world_cfg, tmp_path_factory) -> Path:
     """An L1 export sized for the small world (random: SD stays lossless, acceptance is low)."""
-    from cross_modal_sd.adapters import build_adapter, save_adapter
-    from cross_modal_sd.extract import load_pair
+    from cross_modal_sd.adapters import build_adapter
+    from cross_modal_sd.pair import load_pair
 
     pair = load_pair(small_world_cfg)
     dims = (pair.draft.lm_head_weight.shape[1], pair.target.lm_head_weight.shape[1])
     path = tmp_path_factory.mktemp("export") / "best_model.pt"
     torch.manual_seed(0)
-    save_adapter(
-        build_adapter("L1", *dims), path, dims={"draft_dim": dims[0], "target_dim": dims[1]}
+    save_export(
+        build_adapter(group_option("adapter", "L1"), *dims),
+        path,
+        dims={"draft_dim": dims[0], "target_dim": dims[1]},
     )
     return path
 
@@ -341,9 +349,9 @@ def _eval_cfg(models, ckpt: Path, out: Path, **shard):
                 "logger=none",
                 f"ckpt={ckpt}",
                 f"output_dir={out}",
-                f"n_scenes={EVAL_SCENES}",
+                f"source.count={EVAL_SCENES}",
                 "warmup=0",
-                "cost_probe=false",
+                "deployments=[own_device]",
                 "cost_profile=false",
                 "strategies=[sd_fixed,sd_confidence]",
                 "decoding.fixed.gamma=3",  # not `prefill`: round 1's draft count is then timing-free
@@ -355,9 +363,13 @@ def _eval_cfg(models, ckpt: Path, out: Path, **shard):
 
 
 def deterministic(record: dict) -> dict:
-    """A per-sample record without its timings (`*_ms`), which no two runs share."""
+    """A per-sample record without its timings (`*_ms`, `busy` spans), which no two runs share."""
     if isinstance(record, dict):
-        return {k: deterministic(v) for k, v in record.items() if not k.endswith("_ms")}
+        return {
+            k: deterministic(v)
+            for k, v in record.items()
+            if not k.endswith("_ms") and k not in ("busy", "baseline")
+        }
     return record
 
 
@@ -367,7 +379,9 @@ def test_sharded_evaluation_merges_into_the_single_process_report(
     from cross_modal_sd.evaluation import evaluate
 
     single = evaluate(_eval_cfg(small_world_cfg, eval_export, tmp_path / "single"))
-    want = [json.loads(x) for x in (tmp_path / "single" / "samples.jsonl").read_text().splitlines()]
+    single = single["deployments"]["own_device"]
+    out = tmp_path / "single" / "own_device"
+    want = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
 
     shared = tmp_path / "sharded"
     real_inputs = e2e_module._inputs
@@ -382,23 +396,30 @@ def test_sharded_evaluation_merges_into_the_single_process_report(
     def work(rank):
         if rank == 1:
             e2e_module._inputs = dies_at_second_sample
-        return evaluate(
+        result = evaluate(
             _eval_cfg(small_world_cfg, eval_export, tmp_path / f"out{rank}", dir=shared)
         )
+        return result["deployments"]["own_device"]
 
     codes, results = run_ranks(work, 2, tmp_path)
     assert codes == [0, -signal.SIGKILL]
     assert results[0]["sharding"]["merged"] is False
     assert results[0]["sharding"]["waiting_for"] == [1]
+    shared = shared / "own_device"  # each deployment merges into its own folder
     assert not (shared / "report.json").exists()
 
     # Rank 1 alone, rerun: it times only the samples its part lacks, then merges.
     with thread_budget(1):
         report = evaluate(
             _eval_cfg(
-                small_world_cfg, eval_export, tmp_path / "out1", rank=1, world_size=2, dir=shared
+                small_world_cfg,
+                eval_export,
+                tmp_path / "out1",
+                rank=1,
+                world_size=2,
+                dir=shared.parent,
             )
-        )
+        )["deployments"]["own_device"]
     merged_by = report["sharding"]["merged_by"]
     assert merged_by["resumed"] == 1
     assert merged_by["timed"] == report["sharding"]["samples_per_rank"][1] - 1
@@ -531,9 +552,9 @@ def test_slurm_array_extraction_equals_single_process(small_world_cfg, single_ca
             "-m",
             "hydra/launcher=slurm",
             "models=small",
-            "data.source_split=train",
-            "data.start=600",
-            f"data.n_scenes={N_SCENES}",
+            "source.split=train",
+            "source.start=600",
+            f"source.count={N_SCENES}",
             f"out_dir={out}",
             "shard_samples=2",
             "shard.world_size=2",

@@ -16,15 +16,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from random_models import boost_eos, liven
 
-from cross_modal_sd.adapters import build_adapter, save_adapter
+from cross_modal_sd.adapters import build_adapter
+from cross_modal_sd.config import group_option
 from cross_modal_sd.data.cache import CacheWriter, HiddenPairCache
 from cross_modal_sd.data.dataset import collate_pairs
 from cross_modal_sd.decoding import GreedySpec, TargetInputs, hf_greedy, thread_budget
 from cross_modal_sd.evaluation import (
-    CheckpointError,
     evaluate,
-    find_export,
-    load_export,
     offline_metrics,
     parse_strategies,
     report_tables,
@@ -32,12 +30,14 @@ from cross_modal_sd.evaluation import (
     run_offline,
     write_outputs,
 )
-from cross_modal_sd.extract import PairModels, PairSample
+from cross_modal_sd.exports import ExportError, load_export, save_export
 from cross_modal_sd.metrics import cos_sim_stats, draft_tokens, token_accept_len, token_match
-from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
+from cross_modal_sd.metrics.offline import acceptance_arrays
+from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.preprocess import frames_to_pixels
 from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
 from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder
+from cross_modal_sd.pair import PairModels, PairSample, SampleSource
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -120,13 +120,17 @@ class TinyWorld:
         self.tok = tok
         self.ckpt = root / "run-a" / "best_model.pt"
         self.ckpt.parent.mkdir(parents=True)
-        adapter = build_adapter("L1", 128, 128)
-        save_adapter(
+        adapter = build_adapter(group_option("adapter", "L1"), 128, 128)
+        save_export(
             adapter,
             self.ckpt,
             dims={"draft_dim": 128, "target_dim": 128},
             run_name="run-a",
             cache_manifest_digest="0" * 64,
+            # What the speedup model replays: val acceptance sequences (here: scripted).
+            val_acceptance=acceptance_arrays(
+                [{"match": [True, True, False] * 3, "confidence": [0.9] * 9}] * 4
+            ),
         )
 
 
@@ -141,7 +145,7 @@ def _cfg(logger: str = "logger=none", **overrides):
     """The real conf/evaluate.yaml, composed without Hydra's run directory (and W&B)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
-            "evaluate", overrides=[logger, "output_dir=unused", "warmup=0", "cost_probe=false"]
+            "evaluate", overrides=[logger, "output_dir=unused", "warmup=0", "cost_profile=false"]
         )
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
@@ -155,8 +159,8 @@ def test_world_covers_eos_and_cap(world):
 
 
 def test_every_sd_configuration_is_lossless_on_every_sample(world):
-    cfg = _cfg(strategies=ALL_STRATEGIES, warmup=1, cost_probe=True)
-    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg)
+    cfg = _cfg(strategies=ALL_STRATEGIES, warmup=1, cost_profile=True)
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg, "own_device")
     assert report["n_samples"] == N_SAMPLES
     assert report["lossless_rate"] == 1.0 and report["lossless"] is True
     assert [r["baseline"]["tokens"] for r in records] == world.answers
@@ -170,13 +174,24 @@ def test_every_sd_configuration_is_lossless_on_every_sample(world):
     assert sd["drafted_mean"] > 0 and 0 < sd["accept_rate"] <= 1
     assert sd["tau"] > 1.0
     assert sum(sd["accepted_length_hist"]) == N_SAMPLES
-    # Round 1 overlapped the target prefill with the draft's work (two threads, measured).
+    # Round 1 overlapped the target prefill with the draft's work (its own process, measured).
     assert sd["overlap_ms"] > 0
     costs = report["cost_ratios"]
-    assert costs["n_samples"] == N_SAMPLES
-    assert 0 < costs["target_prefill_share"] < 1
+    assert 0 < costs["target_prefill_share"] < 1 and costs["contention"] > 0
     assert costs["draft_prefill_ratio"] > 0 and costs["draft_token_ratio"] > 0
     assert report["config"]["strategies"]["sd_fixed_draft_model"] == "sd/fixed-prefill/draft_model"
+    # The fair baseline: the faster loop, named; both loops timed on every sample.
+    base = report["strategies"]["baseline"]
+    loops = {n: sum(r["baselines"][n]["total_ms"] for r in records) for n in ("generate", "loop")}
+    assert base["method"] == ("greedy_loop" if loops["loop"] < loops["generate"] else "hf_generate")
+    assert report["deployment"] == "own_device" and report["budget"]["cores"] == 2
+    assert report["budget"]["target_cores"] != report["budget"]["drafter_cores"]
+    for name in ALL_STRATEGIES:
+        s = report["strategies"][name]
+        assert s["speedup"]["ci95"][0] <= s["speedup"]["ratio_of_means"] <= s["speedup"]["ci95"][1]
+        if name.startswith("sd_"):  # predicted from probes and the export's val acceptance
+            assert s["predicted_speedup"]["ratio_of_means"] > 0
+            assert s["predicted_speedup"]["acceptance"]["source"].startswith("val split")
 
 
 def test_max_new_tokens_one_gives_one_token_and_no_drafts(world):
@@ -227,9 +242,13 @@ def test_sample_without_events_is_decoded_correctly_and_reported(world):
 
 def test_dims_mismatch_fails_before_decoding(world, tmp_path):
     path = tmp_path / "best_model.pt"
-    save_adapter(build_adapter("L1", 64, 128), path, dims={"draft_dim": 64, "target_dim": 128})
+    save_export(
+        build_adapter(group_option("adapter", "L1"), 64, 128),
+        path,
+        dims={"draft_dim": 64, "target_dim": 128},
+    )
     with pytest.raises(
-        CheckpointError,
+        ExportError,
         match=r"draft_dim=64, target_dim=128, but the loaded models have draft hidden size 128 "
         r"\(tiny/draft\) and target hidden size 128 \(tiny/target\)",
     ):
@@ -240,16 +259,19 @@ def test_other_models_are_detected_through_the_training_cache(world, tmp_path):
     cache = _write_cache(tmp_path / "cache", dims=(128, 128), target_model="other/target")
     digest = HiddenPairCache(cache).digest
     path = tmp_path / "best_model.pt"
-    save_adapter(build_adapter("L1", 128, 128), path, cache_manifest_digest=digest)
+    save_export(
+        build_adapter(group_option("adapter", "L1"), 128, 128), path, cache_manifest_digest=digest
+    )
     with pytest.raises(
-        CheckpointError, match="trained with target model 'other/target', but the loaded target "
+        ExportError, match="trained with target model 'other/target', but the loaded target "
     ):
         run_e2e(world.pair, load_export(path), world.samples[:1], _cfg(), cache_dir=cache)
 
 
-def test_unknown_strategy_lists_the_accepted_forms():
+def test_unknown_strategy_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match=r"unknown strategy 'sd_greedy'.*\('fixed', 'confidence'\)"
+        ValueError,
+        match=r"unknown strategy 'sd_greedy'; known: sd_fixed, sd_confidence, .*assisted",
     ):
         parse_strategies(["sd_greedy"], _cfg().decoding, 5, 2)
     names = [
@@ -260,48 +282,49 @@ def test_unknown_strategy_lists_the_accepted_forms():
 
 
 def test_missing_checkpoint_messages(tmp_path):
-    with pytest.raises(CheckpointError, match=r"ckpt=.*nope\.pt: no such file"):
+    with pytest.raises(ExportError, match=r"ckpt=.*nope\.pt: no such file"):
         evaluate(_cfg(ckpt=str(tmp_path / "nope.pt"), output_dir=str(tmp_path / "out")))
-    with pytest.raises(CheckpointError, match=r"no exported adapter named 'L1' .*\(found: none\)"):
-        evaluate(_cfg(checkpoints_dir=str(tmp_path), output_dir=str(tmp_path / "out")))
-    other = tmp_path / "run-l2" / "best_model.pt"
-    other.parent.mkdir()
-    save_adapter(build_adapter("L2", 8, 8), other)
-    with pytest.raises(CheckpointError, match=r"found: .*run-l2/best_model\.pt \(L2\)"):
-        find_export(tmp_path, "L1")
-    assert find_export(tmp_path, "L2") == other
-
-
-def test_newest_matching_export_is_chosen(tmp_path):
-    import os
-
-    paths = []
-    for i, name in enumerate(("L1", "L1", "L2")):
-        p = tmp_path / f"run{i}" / "best_model.pt"
-        p.parent.mkdir()
-        save_adapter(build_adapter(name, 8, 8), p)
-        os.utime(p, (1000 + i, 1000 + i))
-        paths.append(p)
-    assert find_export(tmp_path, "L1") == paths[1]
+    # No guessing of "the newest export": a missing ckpt is an error that says what to pass.
+    with pytest.raises(ExportError, match=r"ckpt is required.*ckpt=checkpoints/<run>/best_model"):
+        evaluate(_cfg(ckpt=None, output_dir=str(tmp_path / "out")))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ExportError, match=r"junk\.pt: not a readable torch file"):
+        load_export(junk)
 
 
 def test_evaluate_writes_reports_plots_and_samples(world, tmp_path, monkeypatch):
     import cross_modal_sd.evaluation.run as run_module
 
+    class ListSource(SampleSource):
+        unit, name = "samples", "tiny"
+
+        def units(self):
+            return 0, 3
+
+        def samples(self, pair, skip=frozenset(), start=None, count=None):
+            return ((s.sample_id, s) for s in world.samples[:3])
+
     monkeypatch.setattr(run_module, "load_pair", lambda _cfg: world.pair)
-    monkeypatch.setattr(run_module, "pair_samples", lambda *a, **k: iter(world.samples[:3]))
-    out = tmp_path / "run"
+    monkeypatch.setattr(run_module, "make_source", lambda _cfg: ListSource("test"))
+    root = tmp_path / "run"
     cfg = _cfg(
         ckpt=str(world.ckpt),
-        output_dir=str(out),
+        output_dir=str(root),
         strategies=["sd_fixed", "prompt_lookup"],
-        cost_probe=True,
         logger="logger=csv",
     )
-    report = evaluate(cfg)
+    result = evaluate(cfg)
+    # One report per deployment, never mixed.
+    assert list(result["deployments"]) == ["shared", "own_device"]
+    for name, rep in result["deployments"].items():
+        assert json.loads((root / name / "report.json").read_text())["deployment"] == name
+    out = root / "own_device"
+    report = result["deployments"]["own_device"]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["n_samples"] == 3 and on_disk["lossless_rate"] == 1.0
     assert on_disk["checkpoint"]["path"] == str(world.ckpt)
+    assert on_disk["config"]["source"] == "tiny test samples 0..2"
     assert report["plots"] == on_disk["plots"]
     for name in on_disk["plots"]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
@@ -309,7 +332,7 @@ def test_evaluate_writes_reports_plots_and_samples(world, tmp_path, monkeypatch)
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert [json.loads(line)["sample_id"] for line in lines] == ["s0", "s1", "s2"]
     md = (out / "report.md").read_text()
-    assert "## Speedup over the target's greedy `generate`" in md
+    assert "## Speedup over the baseline (95% bootstrap intervals over samples)" in md
     assert "| sd_fixed_draft_model | sd/fixed-prefill/draft_model |" in md
     columns, rows = report_tables(report, [json.loads(line) for line in lines])["eval/samples"]
     assert columns == [
@@ -322,8 +345,10 @@ def test_evaluate_writes_reports_plots_and_samples(world, tmp_path, monkeypatch)
         "prompt_lookup_lossless",
     ]
     assert [row[-2:] for row in rows] == [[True, True]] * 3
-    logged = (out / "csv" / "metrics.csv").read_text()
-    assert "eval/sd_fixed_draft_model/speedup_ratio_of_means" in logged
+    logged = (root / "csv" / "metrics.csv").read_text()
+    assert "eval/shared/sd_fixed_draft_model/speedup_ratio_of_means" in logged
+    assert "eval/own_device/sd_fixed_draft_model/speedup_ratio_of_means" in logged
+    assert "eval/own_device/sd_fixed_draft_model/speedup_ci95_lo" in logged
 
 
 # ------------------------------------------------------------------------------------ offline
@@ -362,7 +387,7 @@ def test_offline_metrics_equal_the_functional_definitions(tmp_path):
     root = _write_cache(tmp_path / "cache")
     cache = HiddenPairCache(root)
     torch.manual_seed(0)
-    adapter = build_adapter("L2", 8, 6).eval()
+    adapter = build_adapter(group_option("adapter", "L2"), 8, 6).eval()
     with torch.no_grad():  # leave the zero init, so the adapter is not just a LayerNorm
         for p in adapter.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -387,7 +412,9 @@ def test_offline_metrics_equal_the_functional_definitions(tmp_path):
 def test_run_offline_split_all_and_val_and_dims_mismatch(tmp_path):
     root = _write_cache(tmp_path / "cache")
     path = tmp_path / "best_model.pt"
-    save_adapter(build_adapter("L1", 8, 6), path, cache_manifest_digest="f" * 64)
+    save_export(
+        build_adapter(group_option("adapter", "L1"), 8, 6), path, cache_manifest_digest="f" * 64
+    )
     export = load_export(path)
     cfg = _cfg(**{"data.cache_dir": str(root), "offline.split": "all", "offline.batch_size": 3})
     report, rows = run_offline(export, cfg)
@@ -398,8 +425,8 @@ def test_run_offline_split_all_and_val_and_dims_mismatch(tmp_path):
     out = tmp_path / "out"
     write_outputs(report, rows, out)
     assert "| token_accept_len |" in (out / "report.md").read_text()
-    save_adapter(build_adapter("L1", 8, 5), path)
-    with pytest.raises(CheckpointError, match=r"\(draft_dim=8, target_dim=5\) but the cache"):
+    save_export(build_adapter(group_option("adapter", "L1"), 8, 5), path)
+    with pytest.raises(ExportError, match=r"\(draft_dim=8, target_dim=5\) but the cache"):
         run_offline(load_export(path), cfg)
     with pytest.raises(FileNotFoundError, match="no hidden-pair cache there"):
         run_offline(export, _cfg(**{"data.cache_dir": str(tmp_path / "none")}))

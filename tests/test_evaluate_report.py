@@ -1,5 +1,6 @@
-"""Report arithmetic on hand-built per-sample records: means, both speedups, share slower,
-losslessness, histograms, cost ratios, and the Markdown tables."""
+"""Report arithmetic on hand-built per-sample records: means, both speedups with their bootstrap
+intervals, share slower, losslessness against HF generate, histograms, the choice of the
+baseline loop, the cost shape, and the Markdown tables."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import math
 
 import pytest
 
-from cross_modal_sd.analysis.report import (
+from cross_modal_sd.evaluation.e2e import choose_baseline, cost_ratios, with_baseline
+from cross_modal_sd.evaluation.report import (
     accepted_length_histogram,
     aggregate,
     position_acceptance,
     render_e2e,
 )
+from cross_modal_sd.metrics.intervals import bootstrap_speedup
+from cross_modal_sd.speedup import CostProfile
 
 MAX_LEN = 4
 
@@ -46,12 +50,6 @@ def _records():
                 "sd": _sd([5, 6, 2], 50.0, [3, 1], [2, 0], tau=1.5),
                 "peer": {"method": "prompt_lookup", "tokens": [5, 7, 2], "total_ms": 80.0},
             },
-            "costs": {
-                "target_prefill_ms": 40.0,
-                "target_token_ms": 10.0,
-                "draft_prefill_ms": 10.0,
-                "draft_token_ms": 8.0,
-            },
         },
         {
             "sample_id": "b",
@@ -59,13 +57,6 @@ def _records():
             "strategies": {
                 "sd": _sd([2], 300.0, [0], [0], tau=1.0),
                 "peer": {"method": "prompt_lookup", "tokens": [2], "total_ms": 600.0},
-            },
-            # A one-token answer has no per-token time.
-            "costs": {
-                "target_prefill_ms": 60.0,
-                "target_token_ms": None,
-                "draft_prefill_ms": 20.0,
-                "draft_token_ms": None,
             },
         },
     ]
@@ -83,8 +74,52 @@ def test_speedup_ratio_of_means_differs_from_mean_of_ratios(report):
     peer = report["strategies"]["peer"]["speedup"]
     assert peer["ratio_of_means"] == pytest.approx(200.0 / 340.0)
     assert peer["mean_of_ratios"] == pytest.approx((100 / 80 + 0.5) / 2)
-    base = report["strategies"]["baseline"]
-    assert base["speedup"] == {"ratio_of_means": 1.0, "mean_of_ratios": 1.0}
+    base = report["strategies"]["baseline"]["speedup"]
+    assert (base["ratio_of_means"], base["mean_of_ratios"]) == (1.0, 1.0)
+    assert base["ci95"] == [1.0, 1.0]  # every resample of a method against itself is 1
+
+
+def test_every_speedup_has_a_bootstrap_interval_around_it(report):
+    for s in report["strategies"].values():
+        for key in ("speedup", "speedup_vs_generate"):
+            lo, hi = s[key]["ci95"]
+            assert lo <= s[key]["ratio_of_means"] <= hi
+            lo, hi = s[key]["mean_of_ratios_ci95"]
+            assert lo <= s[key]["mean_of_ratios"] <= hi
+    # Two samples, SD 2x and 1x: resamples hold both twice, one of each, or the other twice.
+    assert report["strategies"]["sd"]["speedup"]["mean_of_ratios_ci95"] == [1.0, 2.0]
+
+
+def test_bootstrap_on_hand_built_samples():
+    # Constant ratio: every resample gives exactly 2.
+    assert bootstrap_speedup([10.0] * 5, [5.0] * 5) == {
+        "ratio_of_means": [2.0, 2.0],
+        "mean_of_ratios": [2.0, 2.0],
+    }
+    # Half the samples 1x, half 3x: the interval of the mean of ratios covers 2 and narrows with
+    # the sample count (it shrinks like 1 / sqrt(n)).
+    narrow = bootstrap_speedup([3.0, 3.0] * 200, [3.0, 1.0] * 200)["mean_of_ratios"]
+    wide = bootstrap_speedup([3.0, 3.0] * 5, [3.0, 1.0] * 5)["mean_of_ratios"]
+    assert wide[0] < narrow[0] < 2.0 < narrow[1] < wide[1]
+    assert narrow[1] - narrow[0] == pytest.approx(2 * 1.96 * 1.0 / 400**0.5, rel=0.15)
+    assert bootstrap_speedup([1.0, 2.0], [1.0, 1.0], seed=3) == bootstrap_speedup(
+        [1.0, 2.0], [1.0, 1.0], seed=3
+    )  # seeded: reproducible
+    with pytest.raises(ValueError, match="paired 1-d samples"):
+        bootstrap_speedup([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive times"):
+        bootstrap_speedup([1.0, 0.0], [1.0, 1.0])
+
+
+def test_the_chosen_baseline_is_the_faster_loop():
+    records = [
+        {"baselines": {"generate": {"total_ms": g}, "loop": {"total_ms": lp}}}
+        for g, lp in ((10.0, 8.0), (10.0, 13.0), (10.0, 8.5))
+    ]
+    assert choose_baseline(records) == "loop"  # 9.83 ms on average against 10
+    records[1]["baselines"]["loop"]["total_ms"] = 14.0
+    assert choose_baseline(records) == "generate"  # now 10.17 against 10
+    assert with_baseline(records, "generate")[0]["baseline"] == {"total_ms": 10.0}
 
 
 def test_share_slower_counts_strictly_slower_samples(report):
@@ -136,11 +171,21 @@ def test_one_wrong_sd_output_lowers_lossless_rate_and_is_loud():
     assert "NOT LOSSLESS: 1 of 2 outputs differ" in md
 
 
-def test_cost_ratios_use_samples_that_measured_both_sides(report):
-    costs = report["cost_ratios"]
+def test_cost_ratios_come_from_the_probes_and_the_chosen_baseline():
+    profile = CostProfile(
+        target_prefill_ms=50.0,
+        target_token_ms=10.0,
+        verify_points=((1, 11.0),),
+        draft_prefill_ms=15.0,
+        draft_token_ms=8.0,
+        target_contention=1.04,
+    )
+    pair = type("Pair", (), {"world": None})()
+    costs = cost_ratios(profile, 200.0, pair)
     assert costs["target_prefill_share"] == pytest.approx(50.0 / 200.0)
     assert costs["draft_prefill_ratio"] == pytest.approx(15.0 / 50.0)
     assert costs["draft_token_ratio"] == pytest.approx(8.0 / 10.0)
+    assert costs["contention"] == 1.04 and costs["regime"] == "real"
     assert costs["reference"]["target_prefill_share"] == 0.43
 
 
@@ -166,11 +211,14 @@ def test_report_holds_the_required_keys(report):
 
 
 def test_markdown_renders_the_tables(report):
+    report["cost_ratios"] = {"draft_prefill_ratio": 0.3, "regime": "reference"}
     md = render_e2e(report, ["speedup_distribution.png"])
     assert "**lossless_rate: 1.000**" in md
     assert "| strategy | method | total ms | tokens | speedup (ratio of means) |" in md
-    assert "| sd | sd/fixed-3/draft_model | 175.00 | 2.00 | 1.14 | 1.50 | – | 0.00 | 1.00 |" in md
+    lo, hi = report["strategies"]["sd"]["speedup"]["ci95"]
+    assert f"| sd | sd/fixed-3/draft_model | 175.00 | 2.00 | 1.14 [{lo:.2f}, {hi:.2f}] |" in md
     assert "| draft prefill / target prefill | 0.300 | 0.270 |" in md
+    assert "Cost shape, regime `reference`" in md
     assert "| accepted | sd |" in md  # histogram table, SD configurations only
     assert "| position | sd |" in md
     assert "![speedup_distribution.png](speedup_distribution.png)" in md
@@ -193,4 +241,4 @@ def test_aggregate_rejects_empty_and_incomplete_input():
 def test_nan_free_numbers(report):
     for s in report["strategies"].values():
         for v in s["speedup"].values():
-            assert math.isfinite(v)
+            assert all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]))

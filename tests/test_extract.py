@@ -6,15 +6,20 @@ import torch
 from omegaconf import OmegaConf
 
 from cross_modal_sd.data.cache import HiddenPairCache
-from cross_modal_sd.extract import extract, load_pair, mini_samples
+from cross_modal_sd.extract import extract
+from cross_modal_sd.pair import MiniSource, load_pair
 
 
 def _cfg(models, out, n_scenes=3):
     return OmegaConf.create(
         {
             "models": models,
-            "data": {"source_split": "train", "start": 500, "n_scenes": n_scenes},
-            "split": "train",
+            "source": {
+                "_target_": "cross_modal_sd.pair.sources.MiniSource",
+                "split": "train",
+                "start": 500,
+                "count": n_scenes,
+            },
             "out_dir": str(out),
             "dtype": "float32",
             "shard_samples": 8,
@@ -34,7 +39,7 @@ def test_extraction_is_teacher_forced_and_resumes(small_world_cfg, tmp_path):
     pair = load_pair(small_world_cfg)
     lm_head = cache.lm_head_weight()
     torch.testing.assert_close(lm_head, pair.target.lm_head_weight)
-    samples = {s.sample_id: s for s in mini_samples(pair, "train", 500, 3)}
+    samples = {i: s for i, s in MiniSource("train", 500, 3).samples(pair)}
     for i in range(len(cache)):
         row = cache[i]
         y = row["tokens"].tolist()

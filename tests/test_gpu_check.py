@@ -15,20 +15,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cross_modal_sd.adapters import build_adapter, save_adapter
-from cross_modal_sd.analysis.speedup_model import load_profile
-from cross_modal_sd.evaluation.checkpoint import CheckpointError
-from cross_modal_sd.models.loading import clip_vit_l14_336_config
-from cross_modal_sd.models.real import (
-    PAIR_SHAPES,
-    eventgpt_configs,
-    random_pair,
-    video_token_count,
-    videollava_config,
-)
-from cross_modal_sd.world.build import MiniWorldConfig
+from cross_modal_sd.adapters import build_adapter
+from cross_modal_sd.config import group_option
+from cross_modal_sd.exports import ExportError, save_export
+from cross_modal_sd.models.architectures import PAIR_SHAPES, clip_vit_l14_336_config, random_pair
+from cross_modal_sd.models.real import video_token_count
+from cross_modal_sd.speedup import CostProfile, load_profile
+from cross_modal_sd.world.config import MiniWorldConfig
 
 KS = "32,1,3"
+MAX_NEW = 8
 
 
 def _load_script():
@@ -58,7 +54,7 @@ def world_build(small_world_cfg) -> Path:
 def tiny_run(gpu_check, world_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "report" / "gpu_check.json"
     argv = ["--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--ks", KS]
-    argv += ["--repeats", "1", "--max-new-tokens", "8", "--out", str(out)]
+    argv += ["--repeats", "1", "--max-new-tokens", str(MAX_NEW), "--out", str(out)]
     argv += ["--mini-root", str(world_build), "--mini-samples", "4"]
     return gpu_check.main(argv), out
 
@@ -68,23 +64,48 @@ def test_tiny_check_writes_every_cost_the_profile_needs(gpu_check, tiny_run):
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
     assert report["weights"] == "random" and report["dtype"] == "float32"
-    costs = report["costs"]
-    assert list(costs["verify_ms"]) == ["1", "3", "32"]
+    # The report's profile is what `load_profile` reads from the file, field for field.
+    profile = load_profile(out)
+    assert profile == CostProfile.from_dict(returned["cost_profile"])
+    assert [k for k, _ in profile.verify_points] == [1, 3, 32]
+    assert all(ms > 0 for _, ms in profile.verify_points)
     for key in ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms"):
-        assert costs[key] > 0
+        assert getattr(profile, key) > 0, key
+    assert profile.adapter_ms > 0 and profile.target_contention > 0
+    assert profile.draft_contention > 0 and profile.round_trip_ms >= 0
+    # The baseline line is HF generate's, timed at 1, half the cap and the cap.
+    meta = profile.meta
+    assert meta["baseline_lengths"] == [1, MAX_NEW // 2, MAX_NEW]
+    assert list(meta["baselines"]) == ["generate"]
+    assert meta["baselines"]["generate"] == [profile.baseline_prefill_ms, profile.baseline_token_ms]
+    assert meta["repeats"] == 1 and meta["device"] == "cpu"
     # Prompt positions: the text ids around each visual block plus the block itself
     # (8 frames x (4 x 4 patches + CLS); 5 temporal + 6 x 6 patches + CLS spatial event tokens).
     shapes = report["shapes"]
     assert shapes["video_tokens"] == 8 * 17 and shapes["event_tokens"] == 5 + 37
-    assert costs["target_prompt_positions"] == sum(gpu_check.TARGET_TEXT_IDS) + 8 * 17
-    assert costs["draft_prompt_positions"] == sum(gpu_check.DRAFT_TEXT_IDS) + 5 + 37
-    profile = load_profile(out)
-    assert [k for k, _ in profile.verify_points] == [1, 3, 32]
-    assert profile.target_prefill_ms == costs["target_prefill_ms"]
-    assert profile.adapter_ms is not None and profile.contention is not None
-    assert profile.baseline_token_ms == costs["target_token_ms"]
+    assert shapes["decoder"]["hidden"] == 64 and shapes["tower"]["patch"] == 14
+    assert meta["target_prompt_positions"] == sum(gpu_check.TARGET_TEXT_IDS) + 8 * 17
+    assert meta["draft_prompt_positions"] == sum(gpu_check.DRAFT_TEXT_IDS) + 5 + 37
+    # The cost shape comes from the profile and the measured baseline run.
+    ratios, base = report["ratios"], report["baseline"]
+    assert ratios["target_prefill_over_baseline"] == pytest.approx(
+        profile.target_prefill_ms / base["total_ms"]
+    )
+    assert ratios["draft_prefill_over_target_prefill"] == pytest.approx(
+        profile.draft_prefill_ms / profile.target_prefill_ms
+    )
+    assert ratios["draft_token_over_target_token"] == pytest.approx(
+        profile.draft_token_ms / profile.target_token_ms
+    )
+    assert ratios["speedup"] == pytest.approx(base["total_ms"] / report["sd"]["total_ms"])
+    concurrency = report["concurrency"]
+    assert concurrency["target_contention"] == profile.target_contention
+    assert concurrency["round_trip_ms"] == profile.round_trip_ms
+    assert concurrency["runner"] == "LocalRunner: a thread"
     # The pair's own SD run reproduces its baseline in float32.
-    assert report["sd"]["tokens"] == report["baseline"]["tokens"] and report["sd"]["lossless"]
+    assert 1 <= base["n_new"] <= MAX_NEW and len(base["tokens"]) == base["n_new"]
+    assert report["sd"]["tokens"] == base["tokens"] and report["sd"]["lossless"]
+    assert report["sd"]["config"]["policy"]["gamma"] == 5
     assert set(report["stages_s"]) == {"mini_load", "load", "baseline", "costs", "sd", "mini_runs"}
 
 
@@ -94,20 +115,41 @@ def test_tiny_check_mini_world_is_lossless_in_float32(tiny_run, world_build):
     assert (mini["device"], mini["dtype"], mini["concurrency"]) == ("cpu", "float32", "threads")
     assert mini["n_samples"] == 4 and mini["lossless_samples"] == 4
     assert mini["lossless_rate"] == 1.0 and mini["mismatches"] == []
+    assert mini["max_new_tokens"] == 24  # the small world's cap
     assert list(mini["strategies"]) == ["sd_fixed_draft_model"]
     sd = mini["strategies"]["sd_fixed_draft_model"]
     assert sd["lossless_rate"] == 1.0 and sd["tau"] >= 1.0
+    low, high = sd["speedup"]["ci95"]
+    assert low <= sd["speedup"]["ratio_of_means"] <= high
     assert mini["adapter"].startswith("untrained L1")
+
+
+def test_printed_report_shows_costs_ratios_and_concurrency(gpu_check, tiny_run, capsys):
+    returned, out = tiny_run
+    gpu_check.print_report(returned, out)
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps lines at its width
+    for k in (1, 3, 32):
+        assert f"verify k={k}" in text
+    profile = load_profile(out)
+    assert f"{profile.target_prefill_ms:.2f}" in text
+    assert "cost shape (prior pair ~0.43 / ~0.27 / ~0.7)" in text
+    r = returned["ratios"]
+    assert f"target prefill / baseline {r['target_prefill_over_baseline']:.2f}" in text
+    assert f"round-1 target contention {profile.target_contention:.2f}" in text
+    assert f"round trip {profile.round_trip_ms:.3f} ms" in text
+    assert "mini lossless rate 100.0% (4/4 samples token for token)" in text
+    assert f"-> {out}" in text
 
 
 def test_real_shapes_are_the_released_configs_built_in_bf16():
     """At the real shapes on the meta device: the parameter counts of the released 7B pair,
     2056 video tokens, EventGPT's tower equal to CLIP ViT-L/14-336, everything in bf16."""
     shapes = PAIR_SHAPES["real"]
-    cfg = videollava_config(shapes)
+    cfg = shapes.target_config()
     assert video_token_count(SimpleNamespace(config=cfg)) == cfg.video_seq_length == 2056
     assert cfg.text_config.vocab_size == 32064 and cfg.vision_config.image_size == 224
-    llama, tower = eventgpt_configs(shapes)
+    llama, tower = shapes.draft_configs(5)
+    assert llama.event_frames == 5
     reference = clip_vit_l14_336_config().to_dict()
     assert {k: tower.to_dict()[k] for k in reference} == reference
     assert shapes.tokens_per_image(shapes.event_size) == 577
@@ -116,11 +158,18 @@ def test_real_shapes_are_the_released_configs_built_in_bf16():
         32,
         11008,
     )
+    assert (shapes.decoder.hidden, shapes.decoder.layers, shapes.decoder.mlp) == (4096, 32, 11008)
     target, draft = random_pair(shapes, "meta", torch.bfloat16)
     assert sum(p.numel() for p in target.parameters()) == 7_366_279_168
     assert sum(p.numel() for p in draft.parameters()) == 7_079_708_672
     assert {p.dtype for m in (target, draft) for p in m.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_baseline_lengths_span_the_prefill_to_the_cap(gpu_check):
+    assert gpu_check.baseline_lengths(2) == [1, 2]
+    assert gpu_check.baseline_lengths(3) == [1, 2, 3]
+    assert gpu_check.baseline_lengths(30) == [1, 15, 30]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +182,9 @@ def test_real_shapes_are_the_released_configs_built_in_bf16():
         (["--ks", "1,two"], "must be comma-separated integers"),
         (["--mini-samples", "-1"], "--mini-samples must be >= 0, got -1"),
         (["--gamma", "0"], "--gamma must be >= 1"),
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--max-new-tokens", "1"], "--max-new-tokens must be >= 2"),
+        (["--threads", "0"], "--threads must be >= 1"),
         (["--adapter", "missing/best_model.pt"], "no such file"),
         (["--mini-strategies", "sd_greedy"], "--mini-strategies: unknown strategy 'sd_greedy'"),
         (["--mini-strategies", "prompt_lookup"], "SD strategies only"),
@@ -154,8 +206,10 @@ def test_defaults_differ_by_weights_only_where_documented(gpu_check):
         [1, 2, 4, 8, 16, 32],
     )
     assert random.threads is None  # CUDA: torch's own setting
+    assert random.mini_strategies == ["sd_fixed"]
     real = gpu_check.parse_args(["--target", "t", "--draft", "d", "--device", "cpu"])
     assert real.mini_samples == 0 and real.threads == 1
+    assert gpu_check.models_config(real)["kind"] == "eventgpt_videollava"
 
 
 def test_mini_root_is_a_directory_of_builds_or_one_build(gpu_check, world_build, tmp_path):
@@ -172,13 +226,28 @@ def test_mini_root_is_a_directory_of_builds_or_one_build(gpu_check, world_build,
         gpu_check.mini_world_source(renamed)
 
 
-def test_an_adapter_for_other_sizes_fails_before_any_timing(gpu_check, world_build, tmp_path):
+def test_an_adapter_for_other_sizes_fails_before_any_timing(
+    gpu_check, world_build, tmp_path, capsys
+):
     path = tmp_path / "best_model.pt"
-    save_adapter(build_adapter("L1", 32, 48), path)
+    save_export(build_adapter(group_option("adapter", "L1"), 32, 48), path)
     argv = ["--shapes", "tiny", "--device", "cpu", "--mini-root", str(world_build)]
-    with pytest.raises(CheckpointError, match="draft_dim=32, target_dim=48"):
+    with pytest.raises(ExportError, match="draft_dim=32, target_dim=48"):
         gpu_check.main([*argv, "--adapter", str(path), "--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+    printed = capsys.readouterr().out
+    assert "mini world: open" in printed and "pair:" not in printed  # no pair loaded or timed
+
+
+def test_an_unreadable_pair_adapter_fails_before_the_checkpoints_load(gpu_check, tmp_path, capsys):
+    path = tmp_path / "best_model.pt"
+    path.write_text("not a torch file")
+    argv = ["--target", str(tmp_path / "no_target"), "--draft", str(tmp_path / "no_draft")]
+    argv += ["--device", "cpu", "--adapter", str(path), "--out", str(tmp_path / "r.json")]
+    with pytest.raises(ExportError, match="not a readable torch file"):
+        gpu_check.main(argv)
+    assert not (tmp_path / "r.json").exists()
+    assert "pair:" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cross_modal_sd.data.cache import HiddenPairCache, load_manifest
-from cross_modal_sd.data.legacy import LegacyCacheError, import_legacy_cache, main
+from cross_modal_sd.legacy import LegacyCacheError, import_legacy_cache, main
 
 VOCAB = 32064  # Video-LLaVA's padded vocabulary; ids >= 32000 are never tokens
 

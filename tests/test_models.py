@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
+from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.eventgpt import PREFIX_MAP, save_eventgpt
 from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_videollava
-from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.prompts import (
     EVENT_PLACEHOLDER_ID,
     encode_draft_prompt,

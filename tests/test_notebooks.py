@@ -1,10 +1,11 @@
 """The analysis notebooks: stored without outputs, and executed end to end (nbclient) on small
-outputs generated here — a recorded mini-world e2e run, an adapter export, and a sweep whose runs
-log to CSV or to W&B offline."""
+outputs generated here — adapter exports, an e2e evaluation's per-deployment reports, and a sweep
+whose runs log to CSV or to W&B offline."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -12,19 +13,28 @@ import pytest
 from nbclient import NotebookClient
 
 from cross_modal_sd.adapters import build_adapter
-from cross_modal_sd.training.export import export_run
+from cross_modal_sd.config import group_option
+from cross_modal_sd.exports import export_run
+from cross_modal_sd.metrics.offline import acceptance_arrays
+from cross_modal_sd.speedup import CostProfile, load_profile
+from cross_modal_sd.speedup.project import levers, read_export, render_levers
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _execute(name: str, env: dict[str, str], monkeypatch) -> nbformat.NotebookNode:
+def _execute(
+    name: str, env: dict[str, str | None], monkeypatch, cwd: Path = ROOT
+) -> nbformat.NotebookNode:
+    """Runs every cell with `env` set (None: unset) and the kernel in `cwd`."""
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(
-        book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     ).execute()
     return book
 
@@ -51,44 +61,162 @@ def test_notebooks_are_stored_without_outputs(name):
     assert "parameters" in code[0].metadata.get("tags", [])
 
 
-def _export(root: Path, run: str, hist: list[int], curve: list[float], accept_len: float) -> Path:
-    adapter = build_adapter("L1", 8, 8)
+def _export(root: Path, run: str, hist: list[int], accept_len: float, match: list[bool]) -> Path:
+    """An export with offline curves and validation acceptance (two val samples)."""
+    adapter = build_adapter(group_option("adapter", "L1"), 8, 8)
     best = {
         "epoch": 3,
         "global_step": 30,
         "metrics": {"val/token_accept_len": accept_len, "val/token_match": 0.5},
-        "curves": {"val/accepted_length_hist": hist, "val/position_acceptance": curve},
+        "curves": {"val/accepted_length_hist": hist, "val/position_acceptance": [0.9, 0.5]},
     }
-    return export_run(root / run, adapter, best, "digest", {"run_name": run})[0]
+    rows = [
+        {"match": match, "confidence": [0.9 if m else 0.2 for m in match]},
+        {"match": match[:3], "confidence": [0.8] * 3},
+    ]
+    return export_run(
+        root / run,
+        adapter,
+        best,
+        "digest",
+        {"run_name": run},
+        val_acceptance=acceptance_arrays(rows),
+    )[0]
 
 
-def test_accept_vs_speedup_on_a_recorded_mini_run(tmp_path, monkeypatch):
-    run = json.loads((FIXTURES / "mini_e2e_run.json").read_text())
-    run_dir = tmp_path / "eval"
-    run_dir.mkdir()
-    with open(run_dir / "samples.jsonl", "w") as f:
-        for sample in run["samples"]:
-            f.write(json.dumps(sample) + "\n")
-    (run_dir / "report.json").write_text(
-        json.dumps({"mode": "e2e", "cost_profile": run["cost_profile"]})
+# Measured speedup, its 95% interval, measured tau; predicted speedup and tau, per SD strategy.
+NEWEST = {
+    "own_device": {
+        "sd_fixed_autoregressive": (1.25, [1.1, 1.4], 2.0, 1.3, 2.2),
+        "sd_confidence_draft_model": (0.9, [0.85, 0.95], 1.5, 1.08, 1.75),
+    },
+    "shared": {
+        "sd_fixed_autoregressive": (1.05, [0.98, 1.12], 2.0, 1.1, 2.2),
+        "sd_confidence_draft_model": (0.7, [0.65, 0.75], 1.5, 0.77, 1.75),
+    },
+}
+
+
+def _run(ms: float, tokens: int, **sd) -> dict:
+    return {"tokens": list(range(tokens)), "total_ms": ms, **sd}
+
+
+def _speedup(value: float, ci: list[float]) -> dict:
+    return {"ratio_of_means": value, "ci95": ci, "mean_of_ratios": value, "mean_of_ratios_ci95": ci}
+
+
+def _e2e_run(folder: Path, deployment: str, strategies: dict, mtime: float) -> Path:
+    """One deployment folder of an e2e evaluation, written by hand: report.json (the fields the
+    notebook reads) and two samples.jsonl records."""
+    profile = CostProfile(
+        target_prefill_ms=40.0,
+        target_token_ms=4.0,
+        verify_points=((2, 5.0), (8, 7.0)),
+        draft_prefill_ms=10.0,
+        draft_token_ms=1.0,
+        target_contention=1.3,
+        draft_contention=1.1,
+        round_trip_ms=0.5 if deployment == "own_device" else 0.0,
+        name=f"mini_{deployment}",
     )
-    _export(tmp_path / "ckpt", "L1-good", [1, 2, 3, 4], [0.9, 0.7, 0.4], 2.1)
-    _export(tmp_path / "ckpt", "L1-poor", [6, 3, 1, 0], [0.4, 0.1, 0.0], 0.5)
+    report = {
+        "mode": "e2e",
+        "deployment": deployment,
+        "n_samples": 2,
+        "budget": {"cores": 2, "deployment": deployment, "draft_cores": 1, "device": "cpu"},
+        "baseline_loop": "loop",
+        "cost_profile": profile.to_dict(),
+        "cost_ratios": {"regime": "mini", "contention": profile.target_contention},
+        "strategies": {
+            "baseline": {
+                "kind": "baseline",
+                "method": "greedy_loop",
+                "n_samples": 2,
+                "tau": 1.0,
+                "speedup": _speedup(1.0, [1.0, 1.0]),
+                "speedup_vs_generate": _speedup(1.02, [0.99, 1.05]),
+            }
+        },
+        "warnings": [],
+    }
+    for name, (measured, ci, tau, predicted, predicted_tau) in strategies.items():
+        report["strategies"][name] = {
+            "kind": "sd",
+            "method": name,
+            "n_samples": 2,
+            "tau": tau,
+            "speedup": _speedup(measured, ci),
+            "speedup_vs_generate": _speedup(measured * 1.02, [v * 1.02 for v in ci]),
+            "predicted_speedup": {
+                "ratio_of_means": predicted,
+                "mean_of_ratios": predicted,
+                "tau": predicted_tau,
+            },
+        }
+    folder /= deployment
+    folder.mkdir(parents=True)
+    with open(folder / "samples.jsonl", "w") as f:
+        for i in range(2):
+            loop = {"method": "greedy_loop", **_run(60.0, 6)}
+            record = {
+                "sample_id": f"scene{i}",
+                "baselines": {"generate": {"method": "hf_generate", **_run(62.0, 6)}, "loop": loop},
+                "baseline": loop,
+                "strategies": {
+                    name: _run(60.0 / s[0], 6, method=name, drafted=[4, 2], accepted=[2, 1])
+                    for name, s in strategies.items()
+                },
+            }
+            f.write(json.dumps(record) + "\n")
+    path = folder / "report.json"
+    path.write_text(json.dumps(report))
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_accept_vs_speedup_on_exports_and_an_e2e_evaluation(tmp_path, monkeypatch):
+    good = _export(tmp_path / "checkpoints", "L1-good", [1, 2, 3, 4], 2.1, [True] * 3 + [False])
+    _export(tmp_path / "checkpoints", "L1-poor", [6, 3, 1, 0], 0.5, [False, True, False, True])
+    evaluations = tmp_path / "outputs" / "evaluate"
+    # An older evaluation, and the newest one (its own_device report the newest file).
+    _e2e_run(
+        evaluations / "20260101-000000",
+        "shared",
+        {"sd_fixed_draft_model": (0.8, [0.7, 0.9], 1.2, 0.81, 1.3)},
+        1e9,
+    )
+    for i, (deployment, strategies) in enumerate(NEWEST.items()):
+        _e2e_run(evaluations / "20260102-000000", deployment, strategies, 1e9 + 200 - 100 * i)
     book = _execute(
         "accept_vs_speedup.ipynb",
         {
             "CMSD_PROFILE": "prior_rtx4090",
-            "CMSD_EXPORTS": str(tmp_path / "ckpt" / "*" / "best_model.pt"),
-            "CMSD_E2E_RUN": str(run_dir),
+            "CMSD_EXPORTS": "checkpoints/*/best_model.pt",
+            "CMSD_E2E_RUN": None,  # the newest outputs/evaluate/*/<deployment>/
             "CMSD_TOKENS": "30",
         },
         monkeypatch,
+        cwd=tmp_path,
     )
     text = _texts(book)
-    assert "| L1 | L1-good |" in text and "| L1 | L1-poor |" in text
-    for method, expected in run["expected"].items():  # the validation table of the run
-        assert f"| {method} | {expected['measured_speedup']:.3f} |" in text
-    assert _images(book) == 2  # the curves, and the run on its own curves
+    assert "| L1 | L1-good |" in text and "| L1 | L1-poor |" in text  # the projection table
+    # Levers from the first export's acceptance.
+    expected = levers(load_profile("prior_rtx4090"), read_export(good, 30)["acceptance"], 30)
+    assert render_levers(expected) in text
+    # Predicted vs measured, each with its measured 95% interval: the newest own_device report,
+    # then both deployments of its evaluation, never the older evaluation.
+    assert "deployment `own_device`, regime `mini`, 2 samples, baseline `greedy_loop`" in text
+    mine, both = text.split("All 2 deployments")
+    for row in (
+        "| mini | own_device | sd_fixed_autoregressive | 1.250 [1.100, 1.400] | 1.300 | +4.0% |",
+        "| mini | own_device | sd_confidence_draft_model | 0.900 [0.850, 0.950] | 1.080 | +20.0% "
+        "| 1.50 / 1.75 |",
+    ):
+        assert row in mine and row in both
+    shared = "| mini | shared | sd_confidence_draft_model | 0.700 [0.650, 0.750] | 0.770 | +10.0% |"
+    assert shared in both and shared not in mine
+    assert "0.800 [0.700, 0.900]" not in text
+    assert _images(book) == 2  # the curves, and measured against predicted
 
 
 def _sweep_run(sweep: Path, name: str, adapter: str, epochs: int) -> Path:

@@ -35,7 +35,7 @@ from transformers import (
 from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.dsec import write_sequence
 from cross_modal_sd.data.events import EventStream, EventStreamError
-from cross_modal_sd.extract import extract, load_pair
+from cross_modal_sd.extract import extract
 from cross_modal_sd.models.eventgpt import PREFIX_MAP, EventGPT, eventgpt_config_dict
 from cross_modal_sd.models.loading import (
     CheckpointError,
@@ -51,6 +51,7 @@ from cross_modal_sd.models.real import (
     eventgpt_event_images,
     read_added_tokens,
 )
+from cross_modal_sd.pair import load_pair, make_source
 
 TEXT = dict(
     hidden_size=32,
@@ -505,7 +506,8 @@ def dsec_root(tmp_path_factory):
 
 
 def dsec_cfg(root) -> dict:
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf/data/dsec.yaml")
+    """`conf/source/dsec.yaml` over the test sequences: 100 ms clips, two questions."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf/source/dsec.yaml")
     cfg.merge_with(
         {
             "root": str(root),
@@ -514,7 +516,6 @@ def dsec_cfg(root) -> dict:
             "val_fraction": 0,
             "test_fraction": 0,
             "questions": ["what is ahead?", "is the road busy?"],
-            "cache_dir": None,
         }
     )
     return cfg
@@ -525,8 +526,7 @@ def test_real_pair_extracts_teacher_forced_pairs_from_dsec(ckpts, dsec_root, tmp
     cfg = OmegaConf.create(
         {
             "models": models,
-            "data": dsec_cfg(dsec_root),
-            "split": "train",
+            "source": dsec_cfg(dsec_root),
             "out_dir": str(tmp_path / "cache"),
             "dtype": "float32",
             "shard_samples": 4,
@@ -546,9 +546,7 @@ def test_real_pair_extracts_teacher_forced_pairs_from_dsec(ckpts, dsec_root, tmp
     logits = row["h_target"] @ pair.target.lm_head_weight.T
     assert (logits.argmax(-1) >= 32000).all()  # unmasked, an added token would win ...
     assert (pair.target.logits(row["h_target"]).argmax(-1) == row["tokens"]).all()  # ... masked, y
-    from cross_modal_sd.extract import iter_samples
-
-    sample = next(s for i, s in iter_samples(pair, cfg.data, "train") if i == row["sample_id"])
+    sample = next(s for i, s in make_source(cfg.source).samples(pair) if i == row["sample_id"])
     assert sample.frames.shape == (1, 8, 3, 28, 28) and sample.event_pixels.shape == (
         1,
         5,
@@ -633,9 +631,10 @@ def test_gpu_check_dry_run_on_cpu_writes_its_report(ckpts, dsec_root, tmp_path):
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
     assert report["sd"]["lossless"] and report["sd"]["tokens"] == report["baseline"]["tokens"]
-    assert set(report["costs"]["verify_ms"]) == {"1", "3"}
+    profile = report["cost_profile"]
+    assert [k for k, _ in profile["verify_points"]] == [1, 3]
     assert report["sample"]["source"].startswith("DSEC interlaken_00_c/")
-    costs = report["costs"]
+    costs = {**profile, **profile["meta"]}
     from transformers import AutoTokenizer
 
     from cross_modal_sd.models.prompts import encode_target_prompt
@@ -657,15 +656,24 @@ def test_documented_commands_compose(ckpts, dsec_root):
             "extract",
             overrides=[
                 "models=eventgpt_videollava",
+                "source=dsec",
                 "data=dsec",
                 f"models.draft={ckpts['draft']}",
-                f"data.root={dsec_root}",
-                "data.source_split=val",
+                f"source.root={dsec_root}",
+                "source.split=val",
                 "dtype=bfloat16",
             ],
         )
-        ev = compose("evaluate", overrides=["models=eventgpt_videollava", "data=dsec"])
+        ev = compose(
+            "evaluate",
+            overrides=["models=eventgpt_videollava", "source=dsec", "data=dsec", "source.root=x"],
+        )
+        train = compose("train", overrides=["source=dsec", "data=dsec"])
     assert cfg.models.kind == "eventgpt_videollava" and cfg.models.dtype == "bfloat16"
-    assert cfg.data.source == "dsec" and cfg.split == "val"
+    source = make_source(cfg.source)
+    assert source.name == "dsec" and source.split == "val"
     assert cfg.out_dir == "checkpoints/dsec/cache/val"
-    assert ev.data.cache_dir == "checkpoints/dsec/cache/train" and ev.models.vocab_limit == 32000
+    # Evaluation times test clips and checks the export against the train cache's manifest.
+    assert ev.source.split == "test" and ev.source.count == 10
+    assert ev.data.cache_dir == "checkpoints/dsec/cache/test" and ev.models.vocab_limit == 32000
+    assert train.data.cache_dir == "checkpoints/dsec/cache/train"

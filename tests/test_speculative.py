@@ -11,7 +11,8 @@ import pytest
 import torch
 from random_models import boost_eos, liven
 
-from cross_modal_sd.adapters import build_adapter, load_adapter_config
+from cross_modal_sd.adapters import build_adapter
+from cross_modal_sd.config import group_option
 from cross_modal_sd.decoding import (
     AdapterDrafter,
     DraftInputs,
@@ -21,6 +22,7 @@ from cross_modal_sd.decoding import (
     SDConfig,
     TargetInputs,
     TargetState,
+    ThreadPlan,
     accept_length,
     extend_answer,
     hf_greedy,
@@ -30,7 +32,7 @@ from cross_modal_sd.decoding import (
     thread_budget,
     verify,
 )
-from cross_modal_sd.models.mini import DecoderSize, TowerSize, build_draft, build_target
+from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_draft, build_target
 from cross_modal_sd.models.preprocess import frames_to_pixels
 from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
 from cross_modal_sd.models.wrappers import DraftDecoder, TargetDecoder
@@ -93,9 +95,9 @@ class World:
 
     def adapter_drafter(self, level: str = "L4", **overrides) -> AdapterDrafter:
         torch.manual_seed(1)
-        cfg = {**load_adapter_config(level), **overrides}
+        cfg = {**group_option("adapter", level), **overrides}
         adapter = build_adapter(cfg, 128, 128).eval()
-        return AdapterDrafter(self.draft, adapter, self.target.logits)
+        return AdapterDrafter(self.draft, adapter, self.target.head)
 
     def config(self, policy=None, decode="draft_model", max_new=MAX_NEW, **kw) -> SDConfig:
         return SDConfig(policy or DraftPolicy(gamma=3), decode, max_new, self.eos, **kw)
@@ -214,7 +216,7 @@ def test_answer_that_is_eos_at_once(world):
     boost_eos(model, world.reference[0][0], world.eos)
     target = TargetDecoder(model, world.limit)
     assert hf_greedy(model, t_in, world.spec, warmup=0).tokens == [world.eos]
-    drafter = AdapterDrafter(world.draft, world.adapter_drafter("L4").adapter, target.logits)
+    drafter = AdapterDrafter(world.draft, world.adapter_drafter("L4").adapter, target.head)
     oracle = ScriptedDrafter([world.eos], world.limit)
     for d in (drafter, oracle):
         result = speculative_generate(target, d, t_in, d_in, world.config())
@@ -424,22 +426,34 @@ def test_prefill_policy_drafts_while_target_prefills(world):
 
 
 class _ThreadProbe(ScriptedDrafter):
+    """Records torch's thread count in round 1 and in later rounds."""
+
     def prefill(self, inputs=None):
-        self.seen_threads = torch.get_num_threads()
+        self.round1_threads = torch.get_num_threads()
         return super().prefill(inputs)
 
+    def feed(self, state, tokens):
+        if state.fed or not tokens:
+            self.later_threads = torch.get_num_threads()
+        return super().feed(state, tokens)
 
-@pytest.mark.parametrize(("split", "expected"), [(True, 1), (False, 2)])
-def test_thread_budget_is_halved_while_concurrent(world, split, expected):
-    t_in, d_in = world.samples[0]
-    probe = _ThreadProbe(world.reference[0], world.limit)
+
+@pytest.mark.parametrize(
+    ("plan", "round1", "later"), [(ThreadPlan(1, 2), 1, 2), (ThreadPlan(), 2, 2)]
+)
+def test_thread_plan_sets_round1_and_decode_threads(world, plan, round1, later):
+    """An in-process drafter shares torch's (process-wide) setting: round 1's count while the
+    target prefills, the decode count afterwards; the caller's setting is restored."""
+    i = _full_length_sample(world)
+    t_in, d_in = world.samples[i]
+    probe = _ThreadProbe(world.reference[i], world.limit, correct_upto=2)
     with thread_budget(2):
-        result = speculative_generate(
-            world.target, probe, t_in, d_in, world.config(max_new=2, split_threads=split)
-        )
-        assert torch.get_num_threads() == 2  # restored after round 1
-    assert probe.seen_threads == expected
-    assert result.tokens == world.reference[0][:2]
+        result = speculative_generate(world.target, probe, t_in, d_in, world.config(), plan)
+        assert torch.get_num_threads() == 2
+    assert (probe.round1_threads, probe.later_threads) == (round1, later)
+    assert result.tokens == world.reference[i]
+    threads = {span[2] for span in result.busy}
+    assert threads == {round1, later}
 
 
 def test_result_record_is_plain_and_consistent(world):

@@ -113,11 +113,11 @@ def test_multirun_exports_each_point_with_its_own_wandb_run(aligned_cache, tmp_p
     assert len(run_ids) == 2  # no W&B run re-used across sweep points
 
 
-def test_logger_null_single_run_writes_no_logs(aligned_cache, tmp_path):
+def test_without_logger_a_single_run_writes_no_logs(aligned_cache, tmp_path):
     run_train(
         tmp_path,
         "experiment=smoke",
-        "logger=null",
+        "~logger",
         "data=cache",
         f"data.cache_dir={aligned_cache}",
         "trainer.max_epochs=1",

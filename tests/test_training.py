@@ -16,10 +16,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
-from cross_modal_sd.adapters import UnknownAdapterError, build_adapter, load_adapter, save_adapter
+from cross_modal_sd.adapters import UnknownAdapterError, build_adapter
+from cross_modal_sd.config import group_option
 from cross_modal_sd.data.cache import CacheError, CacheWriter, HiddenPairCache
 from cross_modal_sd.data.datamodule import split_indices
 from cross_modal_sd.data.dataset import collate_pairs
+from cross_modal_sd.exports import load_export, save_export
 from cross_modal_sd.metrics import functional as MF
 from cross_modal_sd.training import (
     AdapterModule,
@@ -298,7 +300,7 @@ def test_export_and_logged_val_metrics_equal_offline_computation(aligned_cache, 
     assert payload["dims"] == {"draft_dim": 32, "target_dim": 48}
     assert (payload["draft_model"], payload["target_model"]) == ("toy/draft", "toy/target")
     assert payload["adapter_config"]["name"] == "L1" and payload["run_name"] == "test"
-    adapter = load_adapter(summary["best_model"])
+    adapter = load_export(summary["best_model"]).adapter
     offline = offline_metrics(adapter, aligned_cache)
     best = summary["best"]
     scalars = {k: v for k, v in offline.items() if k.startswith("val/")}
@@ -323,7 +325,8 @@ def test_export_and_logged_val_metrics_equal_offline_computation(aligned_cache, 
 def test_training_improves_token_acceptance(aligned_cache, trained):
     _, summary = trained
     untrained = offline_metrics(
-        build_adapter("L1", *HiddenPairCache(aligned_cache).dims), aligned_cache
+        build_adapter(group_option("adapter", "L1"), *HiddenPairCache(aligned_cache).dims),
+        aligned_cache,
     )
     assert (
         summary["best"]["metrics"]["val/token_accept_len"] > untrained["val/token_accept_len"] + 0.2
@@ -387,7 +390,7 @@ def test_sequence_levels_train_and_export(aligned_cache, tmp_path, level):
     )
     summary = train(cfg)
     assert not (tmp_path / "csv").exists()
-    offline = offline_metrics(load_adapter(summary["best_model"]), aligned_cache)
+    offline = offline_metrics(load_export(summary["best_model"]).adapter, aligned_cache)
     assert summary["best"]["metrics"] == pytest.approx(
         {k: v for k, v in offline.items() if k.startswith("val/")}, abs=1e-6
     )
@@ -442,7 +445,7 @@ def test_checkpoint_dims_must_match_cache(aligned_cache, trained, tmp_path):
     cfg = make_cfg(aligned_cache, tmp_path, f"ckpt_path={tmp_path / 'other.ckpt'}")
     with pytest.raises(ValueError, match=r"adapter dims \(in_dim=16, out_dim=48\) do not match"):
         train(cfg)
-    save_adapter(build_adapter("L1", 16, 48), tmp_path / "small.pt")
+    save_export(build_adapter(group_option("adapter", "L1"), 16, 48), tmp_path / "small.pt")
     cfg = make_cfg(aligned_cache, tmp_path, f"init_from={tmp_path / 'small.pt'}")
     with pytest.raises(ValueError, match=r"init_from=.*small.pt: adapter dims \(in_dim=16"):
         train(cfg)
@@ -456,7 +459,7 @@ def test_init_from_exported_model_starts_from_its_weights(aligned_cache, trained
     _, summary = trained
     cfg = make_cfg(aligned_cache, tmp_path, f"init_from={summary['best_model']}")
     module = build_module(cfg, build_datamodule(cfg))
-    exported = load_adapter(summary["best_model"]).state_dict()
+    exported = load_export(summary["best_model"]).adapter.state_dict()
     for name, value in module.adapter.state_dict().items():
         torch.testing.assert_close(value, exported[name])
 

@@ -17,9 +17,9 @@ from cross_modal_sd.models.prompts import (
     encode_draft_prompt,
     encode_target_prompt,
 )
-from cross_modal_sd.world.dataset import iter_samples, render_scene
 from cross_modal_sd.world.event_sim import simulate_events
 from cross_modal_sd.world.qa import EVENT_VISIBLE, RGB_ONLY, questions
+from cross_modal_sd.world.samples import render_scene, scene_samples
 from cross_modal_sd.world.scenes import RoadObject, Scene, render
 from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
@@ -84,7 +84,7 @@ def test_event_images_reject_bad_streams():
 def test_questions_cover_both_views_and_answers_are_10_to_30_tokens():
     tok = build_tokenizer()
     types, lengths = set(), []
-    for s in iter_samples(seed=3, split="train", n_scenes=30):
+    for s in scene_samples(seed=3, split="train", n_scenes=30):
         types.add(s.qa.qtype)
         ids = tok(s.qa.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert tok.unk_token_id not in ids, s.qa.answer

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cross_modal_sd.extract import load_pair, mini_samples
 from cross_modal_sd.models.generation import generate_draft, generate_target, greedy_kwargs
+from cross_modal_sd.pair import MiniSource, load_pair
 from cross_modal_sd.world import build
 from cross_modal_sd.world.build import MiniWorldConfig, build_mini_world
 from cross_modal_sd.world.qa import EVENT_VISIBLE
@@ -72,7 +72,7 @@ def test_greedy_outputs_are_reproducible_across_loads(small_world_cfg):
     for _ in range(2):
         pair = load_pair(small_world_cfg)
         tok = pair.tokenizer
-        samples = list(mini_samples(pair, "test", 0, 2))
+        samples = [s for _, s in MiniSource("test", 0, 2).samples(pair)]
         kw = greedy_kwargs(
             pair.target.vocab_limit, len(tok), 12, tok.eos_token_id, tok.pad_token_id
         )
@@ -108,9 +108,9 @@ def test_default_world_quality():
 def test_shared_prefix_batches_train_each_question_as_its_own_sequence(kind):
     """A batch of scenes, all questions packed behind one visual prompt, gives every answer
     position the logits of that question's own single-turn forward."""
-    from cross_modal_sd.models.mini import build_draft, build_target
+    from cross_modal_sd.models.architectures import build_draft, build_target
     from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
-    from cross_modal_sd.world.dataset import render_scene
+    from cross_modal_sd.world.samples import render_scene
     from cross_modal_sd.world.tokenizer import build_tokenizer
 
     cfg, tok = MiniWorldConfig(), build_tokenizer()
@@ -150,8 +150,8 @@ def test_shared_prefix_batches_train_each_question_as_its_own_sequence(kind):
 
 def test_perception_labels_show_what_each_sensor_records():
     from cross_modal_sd.data.events import EventStream
-    from cross_modal_sd.world.dataset import SceneViews
     from cross_modal_sd.world.perception import perception_labels
+    from cross_modal_sd.world.samples import SceneViews
     from cross_modal_sd.world.scenes import RoadObject, Scene
 
     car = RoadObject("car", "red", lane=1, direction="right", speed="slow", x0=3.0)  # 7x4 px

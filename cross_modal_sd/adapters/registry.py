@@ -21,6 +21,7 @@ ADAPTER_CLASSES: dict[str, type[Adapter]] = {
     for cls in (BottleneckAdapter, CausalTransformerAdapter, EagleAdapter)
 }
 
+
 class UnknownAdapterError(ValueError):
     """An adapter level name or ``_target_`` that is not registered."""
 

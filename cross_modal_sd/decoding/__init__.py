@@ -20,10 +20,17 @@ from cross_modal_sd.decoding.drafters import (
     sync,
 )
 from cross_modal_sd.decoding.inputs import DraftInputs, TargetInputs
+from cross_modal_sd.decoding.runners import (
+    DraftRunner,
+    DraftRunnerError,
+    LocalRunner,
+    ProcessRunner,
+)
 from cross_modal_sd.decoding.speculative import (
     SDConfig,
     SDResult,
     TargetState,
+    ThreadPlan,
     accept_length,
     extend_answer,
     speculative_generate,
@@ -35,6 +42,11 @@ __all__ = [
     "AdapterDrafter",
     "DraftInputs",
     "DraftPolicy",
+    "DraftRunner",
+    "DraftRunnerError",
+    "LocalRunner",
+    "ProcessRunner",
+    "ThreadPlan",
     "DraftState",
     "Drafter",
     "GenerationRecord",

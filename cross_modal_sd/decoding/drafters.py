@@ -215,18 +215,19 @@ class AdapterDrafter:
             read the newest state only; sequence adapters (`adapter.is_sequence`) are re-run over
             all answer states so far and the last position is taken, which equals their output
             on the full answer because they are causal.
-        target_logits: the target's masked `lm_head` (`TargetDecoder.logits`).
+        target_head: the target's masked `lm_head` (`TargetDecoder.head`: its own module, so
+            the drafter can move to another process without the target).
     """
 
     def __init__(
         self,
         draft: DraftDecoder,
         adapter: Adapter,
-        target_logits: Callable[[torch.Tensor], torch.Tensor],
+        target_head: Callable[[torch.Tensor], torch.Tensor],
     ):
         self.draft = draft
         self.adapter = adapter
-        self.target_logits = target_logits
+        self.target_head = target_head
 
     def prefill(self, inputs: DraftInputs) -> DraftState:
         out = self.draft.prefill(inputs.input_ids, inputs.event_pixels, keep_last=1)
@@ -250,7 +251,7 @@ class AdapterDrafter:
             adapted = self.adapter(hidden, **kwargs)[:, -1]  # (1, D_target)
         else:
             adapted = self.adapter(state.hidden[:, -1:].to(dtype))[:, -1]  # (1, D_target)
-        probs = self.target_logits(adapted)[0].softmax(dim=-1)  # (V,)
+        probs = self.target_head(adapted)[0].softmax(dim=-1)  # (V,)
         confidence, token = probs.max(dim=-1)
         return int(token), float(confidence)
 
@@ -277,7 +278,8 @@ class ScriptedDrafter:
         correct_upto: first position proposed wrong for good (None: never).
         wrong_at: further positions proposed wrong.
         confidence: top-1 probability reported at position k (a constant or a function of k).
-        prefill_s / token_s: sleep in `prefill` / per fed token, to give the stub a cost.
+        prefill_s / token_s: sleep in `prefill` / per `feed` call (one forward, however many
+            tokens it reads), to give the stub a cost.
     """
 
     def __init__(
@@ -294,7 +296,7 @@ class ScriptedDrafter:
         self.vocab_limit = vocab_limit
         self.correct_upto = correct_upto
         self.wrong_at = set(wrong_at)
-        self.confidence = confidence if callable(confidence) else (lambda _k, c=confidence: c)
+        self.confidence = confidence  # a constant or a function of k (a constant pickles)
         self.prefill_s = prefill_s
         self.token_s = token_s
 
@@ -311,10 +313,13 @@ class ScriptedDrafter:
         k = len(state.fed)
         right = self.reference[k] if k < len(self.reference) else 0
         token = right if self.is_correct(k) else (right + 1) % self.vocab_limit
-        return token, float(self.confidence(k))
+        confidence = self.confidence(k) if callable(self.confidence) else self.confidence
+        return token, float(confidence)
 
     def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState:
-        time.sleep(self.token_s * len(tokens))
+        time.sleep(
+            self.token_s
+        )  # one forward, whatever its length (overhead-bound, as tiny models are)
         return replace(state, fed=[*state.fed, *tokens])
 
     def rewind(self, state: DraftState, n_keep: int) -> DraftState:

@@ -1,7 +1,8 @@
 """Lossless greedy cross-modal speculative decoding (docs/design.md §11), batch size 1.
 
-Round 1: the target prefill and the draft (prefill, then drafting) run at the same time in two
-threads (on CUDA each on its own stream). The target's prefill logits give its own first token
+Round 1: the target prefill and the draft (prefill, then drafting) run at the same time: the
+drafter on its `DraftRunner` (a thread of this process with its own CUDA stream, or a process
+of its own pinned to its own cores), the target here. The target's prefill logits give its own first token
 t0; the drafts d0, d1, ... propose answer positions 0, 1, .... d0 is checked against t0 directly;
 if it matches, one target forward over [d0 .. d(k-1)] yields the target's greedy tokens for
 positions 1..k, which check d1..d(k-1) and give one bonus token.
@@ -16,26 +17,16 @@ is the next forward's first input. Output equals the target's greedy decoding to
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
 
-from cross_modal_sd.decoding.drafters import (
-    Drafter,
-    DraftPolicy,
-    DraftState,
-    Proposal,
-    common_prefix_len,
-    propose,
-    sync,
-)
+from cross_modal_sd.decoding.drafters import DraftPolicy, common_prefix_len
 from cross_modal_sd.decoding.inputs import TargetInputs
+from cross_modal_sd.decoding.runners import NOT_RUN, DraftRunner, LocalRunner
 from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, thread_budget, timed_span
 from cross_modal_sd.models.wrappers import TargetDecoder, crop_cache
 
@@ -52,16 +43,12 @@ class SDConfig:
             (keep drafting and verifying).
         max_new_tokens: answer length cap (EOS included).
         eos_token_id: the answer ends after this token (None: only the cap ends it).
-        split_threads: on CPU, halve torch's intra-op threads while target and draft run
-            concurrently, so SD uses no more cores than the budget the baseline got (a budget
-            of 1 still gives each of the two threads one).
     """
 
     policy: DraftPolicy = field(default_factory=DraftPolicy)
     decode: Literal["autoregressive", "draft_model"] = "draft_model"
     max_new_tokens: int = 32
     eos_token_id: int | None = None
-    split_threads: bool = True
 
     def __post_init__(self):
         if self.decode not in DECODE_PHASES:
@@ -91,6 +78,20 @@ class SDConfig:
         return cls(policy=policy, **d)
 
 
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Torch intra-op threads of the target's work in one run (None: leave the setting alone).
+
+    Attributes:
+        round1: while the drafter works beside the target's prefill (with an in-process drafter
+            on a CPU the drafter shares this count: torch's setting is process-wide).
+        decode: every target forward after round 1.
+    """
+
+    round1: int | None = None
+    decode: int | None = None
+
+
 @dataclass
 class TargetState:
     """The target between rounds: cache = prompt + answer[:-1] (updated in place by calls)."""
@@ -116,6 +117,10 @@ class SDResult:
     they count in `decode_ms` only); `decode_ms` wall time after round 1; `total_ms` wall time of
     the call; `overlap_ms` measured intersection of the target prefill with the draft's round-1
     work (prefill + drafting); `wait_ms` time the target, done prefilling, waited for the drafts.
+
+    `busy` lists ``[start_ms, end_ms, threads]`` of every piece of work and the intra-op threads
+    it held (the target's forwards, the drafter's jobs), so a run can be checked against its core
+    budget.
     """
 
     method: str
@@ -134,6 +139,7 @@ class SDResult:
     total_ms: float
     overlap_ms: float
     wait_ms: float
+    busy: list[list[float]] = field(default_factory=list)
 
     @property
     def n_new(self) -> int:
@@ -204,159 +210,102 @@ def verify(
     return TargetState(state.cache, state.prompt_len, state.answer + committed), accepted, committed
 
 
-# The span of work that never ran: it overlaps nothing and lasts 0 ms.
-_NOT_RUN = Span(0.0, 0.0)
-
-
-@dataclass
-class _Round1:
-    """What the two concurrent jobs of round 1 hand back (draft fields stay empty without one)."""
-
-    target: TargetState | None = None
-    target_span: Span = _NOT_RUN
-    draft: DraftState | None = None
-    proposal: Proposal = field(default_factory=lambda: Proposal([], []))
-    draft_prefill_span: Span = _NOT_RUN
-    draft_span: Span = _NOT_RUN
-
-
-def _stream(device: torch.device):
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
-
-
-def _on_stream(stream):
-    return torch.cuda.stream(stream) if stream is not None else nullcontext()
-
-
-def _round1(
-    target: TargetDecoder,
-    drafter: Drafter,
-    target_inputs: TargetInputs,
-    draft_inputs: Any,
-    config: SDConfig,
-    limit: int,
-) -> _Round1:
-    """Target prefill and draft prefill + drafting, concurrently in two threads."""
-    device = target_inputs.device
-    ready = threading.Event()
-    result = _Round1()
-
-    def target_job() -> None:
-        stream = _stream(device)
-        spans: list[Span] = []
-        try:
-            with _on_stream(stream), timed_span(device, spans, stream):
-                out = target.prefill(target_inputs.input_ids, target_inputs.pixel_values_videos)
-                t0 = int(out.logits[0, -1].argmax())
-        finally:
-            ready.set()  # also on error, so a drafter waiting for the target never hangs
-        prompt_len = out.cache.get_seq_length()
-        result.target = TargetState(out.cache, prompt_len, [t0])
-        result.target_span = spans[0]
-
-    def draft_job() -> None:
-        stream = _stream(device)
-        spans: list[Span] = []
-        with _on_stream(stream):
-            with timed_span(device, spans, stream):
-                state = drafter.prefill(draft_inputs)
-            with timed_span(device, spans, stream):
-                state, proposal = propose(
-                    drafter,
-                    state,
-                    config.policy,
-                    limit,
-                    first_round=True,
-                    target_ready=ready.is_set,
-                    eos_token_id=config.eos_token_id,
-                )
-        result.draft, result.proposal = state, proposal
-        result.draft_prefill_span, result.draft_span = spans
-
-    # Each job syncs its own stream before its span ends, and the device is synchronised before
-    # and after round 1, so later work on the default stream never races round-1 tensors.
-    jobs = [target_job] + ([draft_job] if limit > 0 else [])
-    threads = (
-        max(1, torch.get_num_threads() // 2) if config.split_threads and len(jobs) == 2 else None
-    )
-    with thread_budget(threads if device.type == "cpu" else None):
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            for future in [pool.submit(job) for job in jobs]:
-                future.result()  # re-raises a job's exception here
-    synchronize(device)
-    return result
-
-
 def speculative_generate(
     target: TargetDecoder,
-    drafter: Drafter,
+    drafter: DraftRunner | Any,
     target_inputs: TargetInputs,
     draft_inputs: Any,
     config: SDConfig,
+    threads: ThreadPlan = ThreadPlan(),
 ) -> SDResult:
     """Greedy speculative decoding of one sample; the tokens equal the target's greedy output.
 
     Args:
         target: the target behind the decoding API (its logits mask ids >= the vocab limit).
-        drafter: proposes tokens (e.g. `AdapterDrafter`); driven through explicit states.
+        drafter: a `DraftRunner`, or a drafter (e.g. `AdapterDrafter`) to run in a thread here.
         target_inputs: prompt and frames for the target.
-        draft_inputs: whatever `drafter.prefill` reads (`DraftInputs` for `AdapterDrafter`).
+        draft_inputs: whatever the drafter's `prefill` reads (`DraftInputs` for `AdapterDrafter`).
         config: policy, decode phase, length cap and EOS.
+        threads: the target's intra-op threads in round 1 and after (CPU).
 
     Returns:
         The per-sample record (answer tokens, acceptance counts, per-phase timing).
     """
     device = target_inputs.device
-    eos, cap = config.eos_token_id, config.max_new_tokens
+    if not isinstance(drafter, DraftRunner):  # a bare drafter: a thread here, for this call
+        with LocalRunner(drafter, device) as runner:
+            return speculative_generate(
+                target, runner, target_inputs, draft_inputs, config, threads
+            )
+    cpu = device.type == "cpu"
+    runner = drafter
+    eos, cap, policy = config.eos_token_id, config.max_new_tokens, config.policy
+    busy: list[list[float]] = []
     synchronize(device)
     start = clock_ms()
 
-    # Round 1. Drafts are capped so that all-accepted plus the bonus fills the cap exactly.
-    r1 = _round1(target, drafter, target_inputs, draft_inputs, config, limit=cap - 1)
-    state, draft_state, drafts = r1.target, r1.draft, r1.proposal.tokens
+    # Round 1. Drafts are capped so that all-accepted plus the bonus fills the cap exactly; the
+    # drafter works while the target prefills here.
+    drafting_round1 = cap > 1
+    t_spans: list[Span] = []
+    with thread_budget(threads.round1 if cpu else None):
+        if drafting_round1:
+            runner.set_ready(False)
+            runner.start_round1(draft_inputs, policy, cap - 1, eos)
+        try:
+            with timed_span(device, t_spans):
+                out = target.prefill(target_inputs.input_ids, target_inputs.pixel_values_videos)
+                t0 = int(out.logits[0, -1].argmax())
+        finally:
+            runner.set_ready(True)  # also on error, so a drafter waiting for the target ends
+            r1 = runner.finish_round1() if drafting_round1 else None
+        target_threads = torch.get_num_threads()
+    t_span = t_spans[0]
+    busy.append([t_span.start, t_span.end, target_threads])
+    if r1 is not None:
+        busy.append([r1.prefill.start, r1.drafting.end, r1.threads])
+    d_pre, d_span = (r1.prefill, r1.drafting) if r1 is not None else (NOT_RUN, NOT_RUN)
+    drafts = r1.proposal.tokens if r1 is not None else []
+    state = TargetState(out.cache, out.cache.get_seq_length(), [t0])
     answer, done = extend_answer([], state.answer, eos, cap)
     verify_spans: list[Span] = []
     forwards = 1
-    # d0 is checked against the prefill's t0; only d1.. need a target forward (after t0). With no
-    # d1 that forward would verify nothing, so it is left to the next round or step.
-    accepted = int(bool(drafts) and drafts[0] == state.answer[0])
-    if accepted and len(drafts) > 1 and not done:
-        with timed_span(device, verify_spans):
-            state, more, committed = verify(target, state, drafts[1:])
-        accepted += more
-        forwards += 1
-        answer, done = extend_answer(answer, committed, eos, cap)
-    drafted_per_round, accepted_per_round = [len(drafts)], [accepted]
-    round1_end = clock_ms()
-
-    draft_spans: list[Span] = []
-    while not done:
-        drafts = []
-        if config.decode == "draft_model" and cap - len(answer) > 1:
-            with timed_span(device, draft_spans):
-                draft_state = sync(drafter, draft_state, answer)
-                draft_state, proposal = propose(
-                    drafter,
-                    draft_state,
-                    config.policy,
-                    cap - len(answer) - 1,
-                    first_round=False,
-                    eos_token_id=eos,
-                )
-            drafts = proposal.tokens
-        if config.decode == "draft_model":
+    with thread_budget(threads.decode if cpu else None):
+        decode_threads = torch.get_num_threads()
+        # d0 is checked against the prefill's t0; only d1.. need a target forward (after t0).
+        # With no d1 that forward would verify nothing, so it is left to the next round.
+        accepted = int(bool(drafts) and drafts[0] == state.answer[0])
+        if accepted and len(drafts) > 1 and not done:
             with timed_span(device, verify_spans):
+                state, more, committed = verify(target, state, drafts[1:])
+            accepted += more
+            forwards += 1
+            answer, done = extend_answer(answer, committed, eos, cap)
+        drafted_per_round, accepted_per_round = [len(drafts)], [accepted]
+        round1_end = clock_ms()
+
+        draft_spans: list[Span] = []
+        step_spans: list[Span] = []  # plain greedy steps (autoregressive): not verification
+        while not done:
+            drafts = []
+            if config.decode == "draft_model" and cap - len(answer) > 1:
+                r = runner.next_round(answer, policy, cap - len(answer) - 1, eos)
+                draft_spans.append(r.drafting)
+                busy.append([r.drafting.start, r.drafting.end, r.threads])
+                drafts = r.proposal.tokens
+            spans = verify_spans if config.decode == "draft_model" else step_spans
+            with timed_span(device, spans):
+                # Without drafts: one plain greedy step.
                 state, n_ok, committed = verify(target, state, drafts)
-            drafted_per_round.append(len(drafts))
-            accepted_per_round.append(n_ok)
-        else:
-            state, _, committed = verify(target, state, [])  # one plain greedy step
-        forwards += 1
-        answer, done = extend_answer(answer, committed, eos, cap)
+            if config.decode == "draft_model":
+                drafted_per_round.append(len(drafts))
+                accepted_per_round.append(n_ok)
+            forwards += 1
+            answer, done = extend_answer(answer, committed, eos, cap)
+        busy += [[s.start, s.end, decode_threads] for s in verify_spans + step_spans]
     synchronize(device)
     end = clock_ms()
 
-    t_span, d_pre, d_span = r1.target_span, r1.draft_prefill_span, r1.draft_span
     return SDResult(
         method=config.name,
         config=config.to_dict(),
@@ -374,4 +323,5 @@ def speculative_generate(
         total_ms=end - start,
         overlap_ms=t_span.overlap_ms(Span(d_pre.start, d_span.end)),
         wait_ms=max(0.0, d_span.end - t_span.end),
+        busy=busy,
     )

@@ -6,10 +6,9 @@ Every number comes from `time.perf_counter` taken after the device has finished 
 measurement rather than an estimate.
 
 Thread budget: torch's intra-op thread count is process-wide (setting it from any thread changes
-it for all), so it cannot be given to one strategy and not another inside a process. The harness
-sets one budget for the whole run with `thread_budget` (baseline, peers and SD alike); the SD
-loop halves it while its two threads run concurrently on CPU, so that at no time does SD use
-more cores than the baseline (see `speculative.SDConfig.split_threads`).
+it for all). The harness gives every method its threads with `thread_budget`; the SD loop sets
+the target's own for round 1 and after (`speculative.ThreadPlan`), and a drafter in its own
+process (`runners.ProcessRunner`) has its own.
 """
 
 from __future__ import annotations

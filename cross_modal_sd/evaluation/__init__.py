@@ -12,7 +12,6 @@ the configured loggers (W&B: metrics, tables, images).
 
 from cross_modal_sd.evaluation.e2e import (
     blank_events,
-    measure_costs,
     resolve_max_new_tokens,
     run_e2e,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "evaluate",
     "log_report",
     "make_loggers",
-    "measure_costs",
     "offline_metrics",
     "parse_strategies",
     "report_tables",

@@ -1,13 +1,21 @@
-"""End-to-end timing: baseline, SD configurations and peers on the same samples (docs/design.md §14).
+"""End-to-end timing of the baselines, SD configurations and peers on the same samples, under
+one core budget and one deployment (docs/design.md §14).
 
-On each sample all methods run back to back (their order rotating from sample to sample, so
-drift and cache effects hit every method alike) under one thread budget, after untimed warm-up
-runs; every output is compared token for token with the baseline's.
+Every method gets the budget's cores (`decoding.budget`). The two baseline loops, HF
+``generate`` and the lean greedy ``loop`` over the same decoder calls SD makes, each run at the
+thread count that makes it fastest (chosen on the first sample); the report's baseline is the
+faster of the two over all samples, and every speedup is also given against ``generate``. On
+each sample all methods run back to back, their order rotating from sample to sample (drift and
+cache effects hit every method alike), after untimed warm-up runs; every output is compared token
+for token with ``generate``'s. The speedup model's cost profile is measured by probes before and
+after the timing loop, and its prediction, from those costs and the export's validation
+acceptance, stands beside every measured speedup.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,16 +24,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from cross_modal_sd.analysis.cost_profile import measure_profile, pair_models
-from cross_modal_sd.analysis.speedup_model import (
-    Acceptance,
-    CostProfile,
-    mean_profile,
-    predicted_speedups,
-)
 from cross_modal_sd.decoding import (
     AdapterDrafter,
     DraftInputs,
+    DraftRunner,
     GreedySpec,
     TargetInputs,
     hf_assisted,
@@ -35,11 +37,17 @@ from cross_modal_sd.decoding import (
     thread_budget,
     wrapper_greedy,
 )
-from cross_modal_sd.decoding.timing import Span, timed_span
-from cross_modal_sd.evaluation.report import aggregate, mean
-from cross_modal_sd.evaluation.strategies import BASELINE, Strategy, parse_strategies
+from cross_modal_sd.decoding.budget import Budget
+from cross_modal_sd.evaluation.report import aggregate
+from cross_modal_sd.evaluation.strategies import Strategy, parse_strategies
 from cross_modal_sd.exports import AdapterExport, check_export_fits
 from cross_modal_sd.pair import PairModels, PairSample
+from cross_modal_sd.speedup import Acceptance, CostProfile, mean_profile, predict
+from cross_modal_sd.speedup.measure import ProbeError, ProfileModels, measure_profile
+
+# The two greedy loops a baseline can be: HF `generate`, and the lean loop over `TargetDecoder`.
+BASELINE_LOOPS = ("generate", "loop")
+LOOP_METHODS = {"generate": "hf_generate", "loop": "greedy_loop"}
 
 
 def resolve_max_new_tokens(value: Any, default: int) -> int:
@@ -54,86 +62,10 @@ def resolve_max_new_tokens(value: Any, default: int) -> int:
     return value
 
 
-# -------------------------------------------------------------------------------------- running
-
-
-def _ms(device: torch.device, fn) -> tuple[Any, float]:
-    spans: list[Span] = []
-    with timed_span(device, spans):
-        result = fn()
-    return result, spans[0].ms
-
-
-@torch.inference_mode()
-def measure_costs(
-    pair: PairModels, target: TargetInputs, draft: DraftInputs, answer: Sequence[int]
-) -> dict[str, float | None]:
-    """Each model alone on one sample: prefill ms and mean ms per teacher-forced answer token.
-
-    Per-token times feed ``answer[:-1]`` one token at a time (what greedy decoding feeds); they
-    are None for a one-token answer.
-    """
-    device = target.device
-    out, t_prefill = _ms(
-        device, lambda: pair.target.prefill(target.input_ids, target.pixel_values_videos)
-    )
-    t_steps = [
-        _ms(
-            device,
-            lambda t=t: pair.target.forward_tokens(torch.tensor([[t]], device=device), out.cache),
-        )[1]
-        for t in answer[:-1]
-    ]
-    d_out, d_prefill = _ms(device, lambda: pair.draft.prefill(draft.input_ids, draft.event_pixels))
-    d_steps = [
-        _ms(
-            device,
-            lambda t=t: pair.draft.forward_tokens(torch.tensor([[t]], device=device), d_out.cache),
-        )[1]
-        for t in answer[:-1]
-    ]
-    return {
-        "target_prefill_ms": t_prefill,
-        "target_token_ms": mean(t_steps),
-        "draft_prefill_ms": d_prefill,
-        "draft_token_ms": mean(d_steps),
-    }
-
-
 def blank_events(event_pixels: torch.Tensor) -> bool:
     """Whether every event image is a blank canvas (each channel constant: no events)."""
     flat = event_pixels.flatten(-2)  # (..., 3, H*W)
     return bool((flat.amax(dim=-1) == flat.amin(dim=-1)).all())
-
-
-class _Runner:
-    """Runs any method (baseline, SD configuration, peer) on one sample's inputs."""
-
-    def __init__(self, pair: PairModels, drafter: AdapterDrafter, spec: GreedySpec, peers: Mapping):
-        self.pair, self.drafter, self.spec, self.peers = pair, drafter, spec, peers
-
-    def __call__(self, strategy: Strategy, t_in: TargetInputs, d_in: DraftInputs) -> dict:
-        model = self.pair.target.model
-        if strategy.kind == "sd":
-            record = speculative_generate(self.pair.target, self.drafter, t_in, d_in, strategy.sd)
-        elif strategy.name == BASELINE:
-            record = hf_greedy(model, t_in, self.spec, warmup=0)
-        elif strategy.name == "prompt_lookup":
-            pl = self.peers.get("prompt_lookup", {})
-            record = hf_prompt_lookup(
-                model,
-                t_in,
-                self.spec,
-                num_tokens=int(pl.get("num_tokens", 10)),
-                max_ngram=int(pl.get("max_ngram", 2)),
-                warmup=0,
-            )
-        elif strategy.name == "assisted":
-            assistant = self.pair.draft.model.language_model
-            record = hf_assisted(model, t_in, assistant, self.spec, warmup=0)
-        else:
-            record = wrapper_greedy(self.pair.target, t_in, self.spec, warmup=0)
-        return record.to_dict()
 
 
 def _inputs(
@@ -147,16 +79,6 @@ def _inputs(
     )
 
 
-def _profile(models, warnings: list[str]):
-    """The speedup model's cost profile of this run's models, or None (with a warning) when the
-    sample cannot be profiled (e.g. an answer that ends at its first token)."""
-    try:
-        return measure_profile(models, repeats=5)
-    except RuntimeError as err:
-        warnings.append(f"cost profile not measured: {err}")
-        return None
-
-
 @dataclass
 class E2ESetup:
     """Everything `time_samples` and `summarize_e2e` need besides the samples (see
@@ -167,42 +89,41 @@ class E2ESetup:
     checkpoint: dict[str, Any]
     max_new: int
     strategies: list[Strategy]
-    device: torch.device
-    adapter: torch.nn.Module
-    runner: _Runner
-    threads: int | None
+    budget: Budget
+    drafter: AdapterDrafter
+    spec: GreedySpec
+    peers: Mapping[str, Any]
     warmup: int
-    probe: bool
     profile: bool
     warnings: list[str]
 
     @property
-    def methods(self) -> list[Strategy]:
-        """The baseline, then the strategies: every method timed on each sample."""
-        return [Strategy(BASELINE, "baseline"), *self.strategies]
+    def device(self) -> torch.device:
+        return torch.device(self.budget.device)
 
 
 def prepare_e2e(
     pair: PairModels,
     export: AdapterExport,
     cfg: DictConfig | Mapping[str, Any],
+    deployment: str,
     cache_dir: str | os.PathLike | None = None,
 ) -> E2ESetup:
-    """Checks the export against the models, parses the strategies and places the models.
+    """Checks the export against the models, parses the strategies and the budget, and places
+    the models on the device.
 
     Raises:
         ExportError: the export does not fit the models.
-        ValueError: bad ``max_new_tokens`` or an unknown strategy.
+        ValueError: bad ``max_new_tokens``, ``cores`` or ``deployment``, or an unknown strategy.
     """
     checkpoint = check_export_fits(export, pair, cache_dir)
     max_new = resolve_max_new_tokens(cfg.get("max_new_tokens"), pair.max_new_tokens)
     strategies = parse_strategies(cfg["strategies"], cfg["decoding"], max_new, pair.eos_id)
-    device = torch.device(cfg.get("device") or "cpu")
+    device = str(cfg.get("device") or "cpu")
+    budget = Budget(int(cfg["cores"]), deployment, int(cfg.get("draft_cores", 1)), device)
     pair.target.model.to(device).eval()
     pair.draft.model.to(device).eval()
     adapter = export.adapter.to(device).eval()
-    spec = GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id)
-    drafter = AdapterDrafter(pair.draft, adapter, pair.target.logits)
     warnings = []
     if max_new == 1:
         warnings.append(
@@ -215,15 +136,75 @@ def prepare_e2e(
         checkpoint=checkpoint,
         max_new=max_new,
         strategies=strategies,
-        device=device,
-        adapter=adapter,
-        runner=_Runner(pair, drafter, spec, cfg.get("peers") or {}),
-        threads=cfg.get("threads"),
+        budget=budget,
+        drafter=AdapterDrafter(pair.draft, adapter, pair.target.head),
+        spec=GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id),
+        peers=cfg.get("peers") or {},
         warmup=int(cfg.get("warmup", 1)),
-        probe=bool(cfg.get("cost_probe", True)),
         profile=bool(cfg.get("cost_profile", True)),
         warnings=warnings,
     )
+
+
+class _Methods:
+    """Runs any method on one sample's inputs, each at its own threads."""
+
+    def __init__(self, setup: E2ESetup, runner: DraftRunner, threads: Mapping[str, int]):
+        self.setup, self.runner, self.threads = setup, runner, threads
+        self.plan = setup.budget.plan(threads["loop"]) if threads else None
+
+    def loop(self, name: str, t_in: TargetInputs, spec: GreedySpec, threads: int | None = None):
+        """One baseline loop's record (at its chosen threads unless `threads` is given)."""
+        model = self.setup.pair.target
+        with thread_budget(threads or self.threads[name]):
+            if name == "generate":
+                return hf_greedy(model.model, t_in, spec, warmup=0)
+            return wrapper_greedy(model, t_in, spec, warmup=0)
+
+    def __call__(self, strategy: Strategy, t_in: TargetInputs, d_in: DraftInputs) -> dict:
+        s = self.setup
+        model = s.pair.target.model
+        if strategy.kind == "baseline":
+            return self.loop(strategy.name, t_in, s.spec).to_dict()
+        if strategy.kind == "sd":
+            return speculative_generate(
+                s.pair.target, self.runner, t_in, d_in, strategy.sd, self.plan
+            ).to_dict()
+        with thread_budget(self.threads["generate"]):
+            if strategy.name == "prompt_lookup":
+                pl = s.peers.get("prompt_lookup", {})
+                record = hf_prompt_lookup(
+                    model,
+                    t_in,
+                    s.spec,
+                    num_tokens=int(pl.get("num_tokens", 10)),
+                    max_ngram=int(pl.get("max_ngram", 2)),
+                    warmup=0,
+                )
+            elif strategy.name == "assisted":
+                record = hf_assisted(
+                    model, t_in, s.pair.draft.model.language_model, s.spec, warmup=0
+                )
+            else:
+                record = self.loop("loop", t_in, s.spec)
+        return record.to_dict()
+
+
+def choose_threads(
+    run: Callable[[int], float], choices: Sequence[int], repeats: int = 3
+) -> tuple[int, dict[int, float]]:
+    """The thread count with the lowest median time of ``run(threads)`` (and all medians)."""
+    medians = {t: statistics.median(run(t) for _ in range(repeats)) for t in choices}
+    return min(medians, key=medians.get), medians
+
+
+def _profile(models: ProfileModels, plan, warnings: list[str]) -> CostProfile | None:
+    """The speedup model's cost profile of this run's models, or None (with a warning)."""
+    try:
+        return measure_profile(models, plan, repeats=5)
+    except ProbeError as err:
+        warnings.append(f"cost profile not measured: {err}")
+        return None
 
 
 def time_samples(
@@ -231,11 +212,12 @@ def time_samples(
     samples: Sequence[PairSample],
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[CostProfile], list[str]]:
-    """Times every method on every sample, after warm-up on the first.
+    """Times every method on every sample under the setup's budget.
 
-    On each sample all methods run back to back, their order rotating from sample to sample;
-    the speedup model's cost profile is measured before and after the loop (unless
-    ``cost_profile`` is false).
+    The process is pinned to the target's cores and the drafter started where the deployment
+    puts it (its own process on a CPU) for the duration of the call. On the first sample each
+    baseline loop's thread count is chosen and every method warms up; the cost profile is
+    measured before and after the loop (unless ``cost_profile`` is false).
 
     Args:
         setup: from `prepare_e2e`.
@@ -248,45 +230,81 @@ def time_samples(
     """
     if not samples:
         return [], [], []
-    pair, run, methods, device = setup.pair, setup.runner, setup.methods, setup.device
+    pair, budget, device = setup.pair, setup.budget, setup.device
     warnings: list[str] = []
     records = []
-    profile_models = pair_models(pair, setup.adapter, samples[0])
-    with thread_budget(setup.threads):
+    with budget.pinned(), budget.runner(setup.drafter) as runner:
         t_in, d_in = _inputs(samples[0], pair, device)
+        methods = _Methods(setup, runner, {})
+        threads = {}
+        choices = {}
+        for name in BASELINE_LOOPS:
+            methods.loop(name, t_in, setup.spec, budget.thread_choices[-1])  # warm-up
+            threads[name], choices[name] = choose_threads(
+                lambda t, n=name: methods.loop(n, t_in, setup.spec, t).total_ms,
+                budget.thread_choices,
+            )
+        methods = _Methods(setup, runner, threads)
+        order = [*(Strategy(n, "baseline") for n in BASELINE_LOOPS), *setup.strategies]
         for _ in range(setup.warmup):
-            runs = {m.name: run(m, t_in, d_in) for m in methods}
-            if setup.probe:
-                measure_costs(pair, t_in, d_in, runs[BASELINE]["tokens"])
-        # The speedup model's cost profile, measured in this run before and after the timing loop.
-        profiles = [_profile(profile_models, warnings)] if setup.profile else []
-        for i, sample in enumerate(tqdm(samples, desc="evaluate", unit="sample")):
+            for m in order:
+                methods(m, t_in, d_in)
+        profile_models = ProfileModels(
+            pair.target,
+            runner,
+            t_in,
+            d_in,
+            baselines={n: lambda spec, n=n: methods.loop(n, t_in, spec) for n in BASELINE_LOOPS},
+            meta={
+                "models": f"{pair.target_id} / {pair.draft_id}",
+                "adapter": setup.export.name,
+                "budget": budget.to_dict(),
+                "baseline_threads": threads,
+                "thread_choice_ms": choices,
+            },
+        )
+        with thread_budget(threads["loop"]):
+            profiles = [_profile(profile_models, methods.plan, warnings)] if setup.profile else []
+        for i, sample in enumerate(
+            tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample")
+        ):
             t_in, d_in = _inputs(sample, pair, device)
-            order = methods[i % len(methods) :] + methods[: i % len(methods)]
-            runs = {m.name: run(m, t_in, d_in) for m in order}
-            base = runs.pop(BASELINE)
+            k = i % len(order)
+            runs = {m.name: methods(m, t_in, d_in) for m in order[k:] + order[:k]}
+            reference = runs["generate"]
             for record in runs.values():
-                record["lossless"] = record["tokens"] == base["tokens"]
+                record["lossless"] = record["tokens"] == reference["tokens"]
             records.append(
                 {
                     "sample_id": sample.sample_id,
                     "group": sample.group,
                     "question_id": sample.question_id,
                     "reference": sample.reference,
-                    "answer": pair.tokenizer.decode(base["tokens"], skip_special_tokens=True),
+                    "answer": pair.tokenizer.decode(reference["tokens"], skip_special_tokens=True),
                     "events_blank": blank_events(sample.event_pixels),
-                    "baseline": base,
+                    "baselines": {n: runs[n] for n in BASELINE_LOOPS},
                     "strategies": {s.name: runs[s.name] for s in setup.strategies},
-                    "costs": measure_costs(pair, t_in, d_in, base["tokens"])
-                    if setup.probe
-                    else None,
                 }
             )
             if on_record is not None:
                 on_record(records[-1])
         if setup.profile:
-            profiles.append(_profile(profile_models, warnings))
+            with thread_budget(threads["loop"]):
+                profiles.append(_profile(profile_models, methods.plan, warnings))
     return records, [p for p in profiles if p is not None], warnings
+
+
+def choose_baseline(records: Sequence[Mapping[str, Any]]) -> str:
+    """The faster baseline loop by mean time over the samples."""
+    means = {
+        n: statistics.mean(r["baselines"][n]["total_ms"] for r in records) for n in BASELINE_LOOPS
+    }
+    return min(means, key=means.get)
+
+
+def with_baseline(records: Sequence[Mapping[str, Any]], loop: str) -> list[dict[str, Any]]:
+    """Records whose ``baseline`` is the named loop's run."""
+    return [{**r, "baseline": r["baselines"][loop]} for r in records]
 
 
 def summarize_e2e(
@@ -295,7 +313,7 @@ def summarize_e2e(
     profiles: Sequence[CostProfile],
     warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The report of timed records: aggregates, cost profile, predicted speedups, config.
+    """The report of timed records: aggregates with intervals, cost profile, predicted speedups.
 
     Args:
         setup: from `prepare_e2e`.
@@ -304,7 +322,19 @@ def summarize_e2e(
         warnings: warnings of the timing beyond the setup's own.
     """
     strategies = setup.strategies
-    report = aggregate(records, {s.name: s.kind for s in strategies}, max_len=setup.max_new)
+    chosen = choose_baseline(records)
+    report = aggregate(
+        with_baseline(records, chosen),
+        {s.name: s.kind for s in strategies},
+        max_len=setup.max_new,
+        reference=[r["baselines"]["generate"] for r in records],
+    )
+    report["baseline_loop"] = chosen
+    base = report["strategies"]["baseline"]
+    base["method"] = LOOP_METHODS[chosen]
+    base["other_loop_ms"] = statistics.mean(
+        r["baselines"][n]["total_ms"] for r in records for n in BASELINE_LOOPS if n != chosen
+    )
     warnings = [*setup.warnings, *warnings]
     blank = sum(r["events_blank"] for r in records)
     if blank:
@@ -312,26 +342,38 @@ def summarize_e2e(
             f"{blank} of {len(records)} samples have no events (blank event images): the draft "
             f"reads an empty scene there; outputs are still checked against the baseline"
         )
-    try:
-        if not setup.profile:
-            raise ValueError("cost_profile=false")
-        if not profiles:
-            raise ValueError("no cost profile could be measured")
+    profile = None
+    if setup.profile and profiles:
         profile = mean_profile(profiles)
+        line = profile.meta["baselines"][chosen]
+        profile = profile.with_(baseline_prefill_ms=line[0], baseline_token_ms=line[1])
         report["cost_profile"] = profile.to_dict()
-        acceptance = Acceptance.from_export_curves(setup.export.curves, str(setup.export.path))
-    except ValueError as err:  # e.g. an export without token-level curves
-        warnings.append(f"no predicted_speedup: {err}")
+        report["cost_ratios"] = cost_ratios(profile, base["total_ms"], setup.pair)
+        lengths = [len(r["baselines"]["generate"]["tokens"]) for r in records]
+        try:
+            acceptance = Acceptance.from_export(setup.export, lengths)
+        except ValueError as err:
+            warnings.append(f"no predicted_speedup: {err}")
+        else:
+            for s in strategies:
+                if s.kind == "sd":
+                    pred = predict(profile, acceptance, s.sd)
+                    report["strategies"][s.name]["predicted_speedup"] = {
+                        **pred["speedup"],
+                        "total_ms": pred["total_ms"],
+                        "baseline_ms": pred["baseline_ms"],
+                        "tau": pred["tau"],
+                        "acceptance": pred["acceptance"],
+                    }
     else:
-        sd_configs = {s.name: s.sd for s in strategies if s.kind == "sd"}
-        for name, pred in predicted_speedups(profile, acceptance, sd_configs, records).items():
-            report["strategies"][name]["predicted_speedup"] = pred
+        warnings.append("no cost profile (cost_profile=false, or no probe succeeded)")
     report["warnings"] = warnings + report["warnings"]
     report["mode"] = "e2e"
+    report["deployment"] = setup.budget.deployment
+    report["budget"] = setup.budget.to_dict()
     report["checkpoint"] = setup.checkpoint
     report["config"] = {
         "max_new_tokens": setup.max_new,
-        "threads": setup.threads,
         "warmup": setup.warmup,
         "device": str(setup.device),
         "order": "interleaved per sample, rotating",
@@ -341,39 +383,57 @@ def summarize_e2e(
     return report
 
 
+def cost_ratios(profile: CostProfile, baseline_ms: float, pair: PairModels) -> dict[str, Any]:
+    """The measured cost shape (docs/design.md §12) from the run's probes and baseline."""
+    from cross_modal_sd.evaluation.report import REFERENCE_COSTS
+
+    world = pair.world
+    return {
+        "target_prefill_ms": profile.target_prefill_ms,
+        "target_token_ms": profile.target_token_ms,
+        "draft_prefill_ms": profile.draft_prefill_ms,
+        "draft_token_ms": profile.draft_token_ms,
+        "target_prefill_share": profile.target_prefill_ms / baseline_ms,
+        "draft_prefill_ratio": profile.draft_prefill_ms / profile.target_prefill_ms,
+        "draft_token_ratio": profile.draft_token_ms / profile.target_token_ms,
+        "contention": profile.target_contention,
+        "regime": world.config.regime if world is not None else "real",
+        "reference": dict(REFERENCE_COSTS),
+    }
+
+
 def run_e2e(
     pair: PairModels,
     export: AdapterExport,
     samples: Iterable[PairSample],
     cfg: DictConfig | Mapping[str, Any],
+    deployment: str = "shared",
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Times the baseline, each SD configuration and each peer on every sample.
-
-    On each sample all methods run back to back (their order rotating from sample to sample,
-    so drift and cache effects hit every method alike), under the thread budget
-    ``cfg.threads``; ``cfg.warmup`` untimed runs of every method on the first sample come
-    first. The SD drafter is `AdapterDrafter` over ``export.adapter``.
+    """Times the baselines, each SD configuration and each peer on every sample.
 
     Args:
         pair: the models (checked against the export before anything runs).
         export: the adapter export.
         samples: the samples (batch size 1 each).
-        cfg: keys ``strategies``, ``decoding``, ``peers``, ``max_new_tokens``, ``threads``,
-            ``warmup``, ``device``, ``cost_probe``, ``cost_profile`` (see ``conf/evaluate.yaml``).
+        cfg: keys ``strategies``, ``decoding``, ``peers``, ``max_new_tokens``, ``cores``,
+            ``draft_cores``, ``warmup``, ``device``, ``cost_profile`` (``conf/evaluate.yaml``).
+        deployment: ``shared`` | ``own_device`` (`decoding.budget`).
         cache_dir: hidden-pair cache whose manifest may identify the export's models.
 
     Returns:
-        The report (`cross_modal_sd.evaluation.report.aggregate` plus ``checkpoint`` and
-        ``config``) and the per-sample records.
+        The report (`cross_modal_sd.evaluation.report.aggregate` plus ``deployment``,
+        ``budget``, ``baseline_loop``, ``cost_profile``, ``cost_ratios``, ``checkpoint`` and
+        ``config``) and the per-sample records (``baseline`` set to the chosen loop's run).
 
     Raises:
         ExportError: the export does not fit the models.
-        ValueError: bad ``max_new_tokens``, an unknown strategy, or no samples.
+        ValueError: bad settings, an unknown strategy, or no samples.
     """
-    setup = prepare_e2e(pair, export, cfg, cache_dir)
+    setup = prepare_e2e(pair, export, cfg, deployment, cache_dir)
     samples = list(samples)
     if not samples:
         raise ValueError("no samples to evaluate: check source.split / start / count")
     records, profiles, warnings = time_samples(setup, samples)
-    return summarize_e2e(setup, records, profiles, warnings), records
+    report = summarize_e2e(setup, records, profiles, warnings)
+    return report, with_baseline(records, report["baseline_loop"])

@@ -1,95 +1,19 @@
 """Offline evaluation: alignment metrics of an exported adapter on a hidden-pair cache split,
-computed with `AlignmentMetrics` over padded, masked batches exactly as training validates."""
+computed by `metrics.offline.offline_metrics` exactly as training validates."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from cross_modal_sd.adapters import Adapter
 from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.datamodule import split_indices
-from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
 from cross_modal_sd.exports import AdapterExport, ExportError
-from cross_modal_sd.metrics import DEFAULT_TAUS, AlignmentMetrics, cosine, draft_tokens, leading_run
-
-
-@torch.inference_mode()
-def offline_metrics(
-    adapter: Adapter,
-    cache: HiddenPairCache,
-    indices: Sequence[int] | None,
-    lm_head: torch.Tensor,
-    vocab_limit: int | None = None,
-    batch_size: int = 64,
-    max_len: int | None = None,
-    taus: Sequence[float] = DEFAULT_TAUS,
-    prompt_last_token: int | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Alignment metrics of `adapter` on cache samples, as training's validation computes them.
-
-    The adapter reads the collated, padded batch with its mask; the metrics are one
-    `AlignmentMetrics` accumulated over the whole selection.
-
-    Args:
-        adapter: the adapter.
-        cache: the hidden-pair cache.
-        indices: cache indices to use (None: all).
-        lm_head: (V, Dt) target ``lm_head`` weight (the cache's).
-        vocab_limit: ids at or above it are never drafted.
-        batch_size: samples per batch.
-        max_len: positions of the curves (None: the cache's max_new_tokens).
-        taus: cosine thresholds.
-        prompt_last_token: token before answer position 0, for token-fusing adapters.
-
-    Returns:
-        ``{"metrics": scalars, "curves": lists}`` and per-sample rows (``sample_id``, ``length``,
-        ``accepted_len``, ``token_match``, ``cos_sim``).
-    """
-    if adapter.uses_tokens and prompt_last_token is None:
-        raise ValueError(
-            f"adapter {adapter.name} fuses token embeddings and needs the prompt's last token id: "
-            f"the cache manifest's extra['prompt_last_token'] is missing"
-        )
-    adapter = adapter.eval()
-    max_len = max_len or cache.manifest["max_new_tokens"]
-    metrics = AlignmentMetrics(lm_head, taus, max_len, vocab_limit)
-    dataset = HiddenPairDataset(cache, indices)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs)
-    dtype = next(adapter.parameters()).dtype
-    rows = []
-    for batch in loader:
-        h, mask, tokens = batch["h_draft"].to(dtype), batch["mask"], batch["tokens"]
-        kwargs = {}
-        if adapter.uses_tokens:
-            start = tokens.new_full((tokens.shape[0], 1), prompt_last_token)
-            kwargs["tokens"] = torch.cat([start, tokens[:, :-1]], dim=1)  # (B, T): y[k-1]
-        pred = adapter(h, mask, **kwargs)  # (B, T, Dt)
-        metrics.update(pred, batch["h_target"], tokens, mask)
-        hits = draft_tokens(pred, lm_head, vocab_limit) == tokens  # (B, T)
-        runs = leading_run(hits, mask)  # (B,)
-        cos = cosine(pred, batch["h_target"], mask)  # (B, T)
-        lengths = mask.sum(dim=1)  # (B,)
-        for b, sample_id in enumerate(batch["sample_id"]):
-            n = int(lengths[b])
-            rows.append(
-                {
-                    "sample_id": sample_id,
-                    "length": n,
-                    "accepted_len": int(runs[b]),
-                    "token_match": float((hits[b] & mask[b]).sum()) / n,
-                    "cos_sim": float(cos[b, :n].mean()),
-                }
-            )
-    scalars = {k: float(v) for k, v in metrics.compute().items()}
-    curves = {k: v.tolist() for k, v in metrics.compute_curves().items()}
-    return {"metrics": scalars, "curves": curves}, rows
+from cross_modal_sd.metrics.offline import offline_metrics
 
 
 def _explicit_split(data_cfg: Mapping[str, Any]) -> Any:

@@ -40,22 +40,28 @@ def write_outputs(
     return [out / p for p in plots]
 
 
-def scalar_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """The report's scalars as ``eval/...`` keys (``eval/<strategy>/<name>`` per strategy)."""
-    out: dict[str, float] = {"eval/n_samples": report["n_samples"]}
+def scalar_metrics(report: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """The report's scalars as ``<prefix>/...`` keys (``<prefix>/<strategy>/<name>`` per
+    strategy; a speedup's interval as ``..._ci95_lo`` / ``..._ci95_hi``)."""
+    out: dict[str, float] = {f"{prefix}/n_samples": report["n_samples"]}
     if report["mode"] == "offline":
-        out |= {f"eval/{k}": v for k, v in report["metrics"].items()}
+        out |= {f"{prefix}/{k}": v for k, v in report["metrics"].items()}
         return {k: v for k, v in out.items() if v is not None}
-    out["eval/lossless_rate"] = report["lossless_rate"]
-    for k in ("target_prefill_share", "draft_prefill_ratio", "draft_token_ratio"):
-        out[f"eval/cost/{k}"] = report["cost_ratios"][k]
+    out[f"{prefix}/lossless_rate"] = report["lossless_rate"]
+    for k, v in (report.get("cost_ratios") or {}).items():
+        if isinstance(v, (int, float)):
+            out[f"{prefix}/cost/{k}"] = v
     for name, s in report["strategies"].items():
         for key, value in s.items():
-            if key == "speedup":
-                for how, v in value.items():
-                    out[f"eval/{name}/speedup_{how}"] = v
+            if key.startswith("speedup") or key == "predicted_speedup":
+                for how, v in (value or {}).items():
+                    if isinstance(v, list) and len(v) == 2:
+                        out[f"{prefix}/{name}/{key}_{how}_lo"] = v[0]
+                        out[f"{prefix}/{name}/{key}_{how}_hi"] = v[1]
+                    elif isinstance(v, (int, float)):
+                        out[f"{prefix}/{name}/{key}_{how}"] = v
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"eval/{name}/{key}"] = value
+                out[f"{prefix}/{name}/{key}"] = value
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
@@ -73,16 +79,17 @@ def make_loggers(logger_cfg: Mapping[str, Any] | None) -> list[Any]:
 
 
 def report_tables(
-    report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+    report: Mapping[str, Any], records: Sequence[Mapping[str, Any]], prefix: str = "eval"
 ) -> dict[str, tuple[list[str], list[list[Any]]]]:
     """The W&B tables of a report: key -> (columns, rows).
 
-    E2E: ``eval/strategies`` (one row per strategy) and ``eval/samples`` (per sample: answer,
-    each method's ms and whether it equals the baseline). Offline: ``eval/samples``.
+    E2E: ``<prefix>/strategies`` (one row per strategy) and ``<prefix>/samples`` (per sample:
+    answer, each method's ms and whether it equals HF generate's output). Offline:
+    ``<prefix>/samples``.
     """
     if report["mode"] != "e2e":
         cols = list(records[0]) if records else ["sample_id"]
-        return {"eval/samples": (cols, [[r[c] for c in cols] for r in records])}
+        return {f"{prefix}/samples": (cols, [[r[c] for c in cols] for r in records])}
     keys = ("method", "total_ms", "slower_share", "tau", "accept_rate", "lossless_rate")
     strategies = report["strategies"]
     table = [
@@ -90,11 +97,21 @@ def report_tables(
             name,
             *[s[k] for k in keys],
             s["speedup"]["ratio_of_means"],
+            *s["speedup"]["ci95"],
             s["speedup"]["mean_of_ratios"],
+            s["speedup_vs_generate"]["ratio_of_means"],
         ]
         for name, s in strategies.items()
     ]
-    cols = ["strategy", *keys, "speedup_ratio_of_means", "speedup_mean_of_ratios"]
+    cols = [
+        "strategy",
+        *keys,
+        "speedup_ratio_of_means",
+        "ci95_lo",
+        "ci95_hi",
+        "speedup_mean_of_ratios",
+        "speedup_vs_generate",
+    ]
     names = list(strategies)[1:]  # all but the baseline
     samples = [
         [
@@ -113,7 +130,7 @@ def report_tables(
         *[f"{n}_ms" for n in names],
         *[f"{n}_lossless" for n in names],
     ]
-    return {"eval/strategies": (cols, table), "eval/samples": (sample_cols, samples)}
+    return {f"{prefix}/strategies": (cols, table), f"{prefix}/samples": (sample_cols, samples)}
 
 
 def log_report(
@@ -121,17 +138,19 @@ def log_report(
     report: Mapping[str, Any],
     records: Sequence[Mapping[str, Any]],
     plots: Sequence[Path],
+    prefix: str = "eval",
 ) -> None:
-    """Scalars to every logger; tables and images to W&B loggers (all at step 0)."""
+    """Scalars to every logger; tables and images to W&B loggers (all at step 0), under
+    ``prefix``."""
     from lightning.pytorch.loggers import WandbLogger
 
-    scalars = scalar_metrics(report)
+    scalars = scalar_metrics(report, prefix)
     for logger in loggers:
         logger.log_metrics(scalars, step=0)
         if not isinstance(logger, WandbLogger):
             logger.save()
             continue
-        for key, (cols, rows) in report_tables(report, records).items():
+        for key, (cols, rows) in report_tables(report, records, prefix).items():
             logger.log_table(key, columns=cols, data=rows, step=0)
         for path in plots:
-            logger.log_image(f"eval/{path.stem}", images=[str(path)], step=0)
+            logger.log_image(f"{prefix}/{path.stem}", images=[str(path)], step=0)

@@ -1,17 +1,19 @@
 """Aggregation of per-sample evaluation records into `report.json`, and its Markdown rendering.
 
-A per-sample record (one line of `samples.jsonl`) holds the baseline run and one run per strategy,
-all on the same inputs::
+A per-sample record (one line of `samples.jsonl`) holds both baseline loops' runs and one run per
+strategy, all on the same inputs::
 
-    {"sample_id": ..., "baseline": {"tokens": [...], "total_ms": ...},
-     "strategies": {"sd_fixed_draft_model": {SDResult fields}, "prompt_lookup": {...}},
-     "costs": {"target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms"}}
+    {"sample_id": ..., "baselines": {"generate": {"tokens": [...], "total_ms": ...}, "loop": ...},
+     "strategies": {"sd_fixed_draft_model": {SDResult fields}, "prompt_lookup": {...}}}
 
-Conventions (docs/design.md §10): times and counts are means over samples; `accept_rate` is accepted /
-drafted summed over all samples and rounds; `speedup.ratio_of_means` divides the mean baseline
-time by the mean strategy time, `speedup.mean_of_ratios` averages the per-sample ratios; a
-strategy is lossless on a sample when its tokens equal the baseline's. Quantities a strategy
-does not measure (HF `generate` gives no phase breakdown) are None, never 0.
+`aggregate` reads them with ``baseline`` set to the chosen loop's run (`e2e.with_baseline`).
+
+Conventions (docs/design.md §10): times and counts are means over samples; `accept_rate` is
+accepted / drafted summed over all samples and rounds; `speedup.ratio_of_means` divides the mean
+baseline time by the mean strategy time, `speedup.mean_of_ratios` averages the per-sample ratios,
+and each has a 95% bootstrap interval over samples (`ci95`, `mean_of_ratios_ci95`); a strategy is
+lossless on a sample when its tokens equal HF `generate`'s. Quantities a strategy does not
+measure (HF `generate` gives no phase breakdown) are None, never 0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cross_modal_sd.metrics.intervals import bootstrap_speedup
 from cross_modal_sd.utils import fmt, table
 
 BASELINE = "baseline"
@@ -83,12 +86,24 @@ def position_acceptance(
     return out
 
 
+def speedup(base_ms: Sequence[float], own_ms: Sequence[float]) -> dict[str, Any]:
+    """Ratio of means and mean of ratios, each with its 95% bootstrap interval."""
+    ci = bootstrap_speedup(base_ms, own_ms)
+    return {
+        "ratio_of_means": ratio(mean(base_ms), mean(own_ms)),
+        "ci95": ci["ratio_of_means"],
+        "mean_of_ratios": mean([ratio(b, t) for b, t in zip(base_ms, own_ms, strict=True)]),
+        "mean_of_ratios_ci95": ci["mean_of_ratios"],
+    }
+
+
 def summarize_strategy(
     name: str,
     kind: str,
     runs: Sequence[Mapping[str, Any]],
     baselines: Sequence[Mapping[str, Any]],
     max_len: int,
+    reference: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Per-strategy means, speedups and losslessness over paired runs.
 
@@ -98,6 +113,8 @@ def summarize_strategy(
         runs: one record per sample (`SDResult.to_dict` or `GenerationRecord.to_dict`).
         baselines: the baseline record of the same samples, in the same order.
         max_len: bins of the accepted-length histogram and positions of the acceptance curve.
+        reference: HF `generate`'s records of the same samples: the tokens every output must
+            equal, and the second speedup column (``speedup_vs_generate``); None: `baselines`.
 
     Returns:
         A JSON-ready dict (see the module docstring for the conventions).
@@ -137,14 +154,13 @@ def summarize_strategy(
         out["overlap_share"] = None
         out["accepted_length_hist"] = None
         out["position_acceptance"] = None
+    reference = baselines if reference is None else reference
     base_ms = [b["total_ms"] for b in baselines]
     own_ms = [r["total_ms"] for r in runs]
-    out["speedup"] = {
-        "ratio_of_means": ratio(mean(base_ms), mean(own_ms)),
-        "mean_of_ratios": mean([ratio(b, t) for b, t in zip(base_ms, own_ms, strict=True)]),
-    }
+    out["speedup"] = speedup(base_ms, own_ms)
+    out["speedup_vs_generate"] = speedup([b["total_ms"] for b in reference], own_ms)
     out["slower_share"] = mean([float(t > b) for b, t in zip(base_ms, own_ms, strict=True)])
-    same = [r["tokens"] == b["tokens"] for r, b in zip(runs, baselines, strict=True)]
+    same = [r["tokens"] == b["tokens"] for r, b in zip(runs, reference, strict=True)]
     out["lossless_rate"] = mean([float(s) for s in same])
     out["lossless"] = all(same)
     out["flag"] = (
@@ -156,43 +172,25 @@ def summarize_strategy(
     return out
 
 
-def cost_ratios(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Measured cost shape (docs/design.md §12) from the per-sample cost probes and baseline times.
-
-    Ratios are of means over the samples that measured both sides (a one-token answer has no
-    per-token time). Returns the mean ms of each probe, the three ratios and the reference values
-    of the real pair.
-    """
-    costs = [r["costs"] for r in records if r.get("costs")]
-    keys = ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms")
-    out: dict[str, Any] = {k: mean([c.get(k) for c in costs]) for k in keys}
-    out["n_samples"] = len(costs)
-    base = mean([r["baseline"]["total_ms"] for r in records if r.get("costs")])
-    per_token = [c for c in costs if c.get("target_token_ms") and c.get("draft_token_ms")]
-    out["target_prefill_share"] = ratio(out["target_prefill_ms"], base)
-    out["draft_prefill_ratio"] = ratio(out["draft_prefill_ms"], out["target_prefill_ms"])
-    out["draft_token_ratio"] = ratio(
-        mean([c["draft_token_ms"] for c in per_token]),
-        mean([c["target_token_ms"] for c in per_token]),
-    )
-    out["reference"] = dict(REFERENCE_COSTS)
-    return out
-
-
 def aggregate(
-    records: Sequence[Mapping[str, Any]], kinds: Mapping[str, str], max_len: int
+    records: Sequence[Mapping[str, Any]],
+    kinds: Mapping[str, str],
+    max_len: int,
+    reference: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The E2E report from per-sample records.
 
     Args:
-        records: per-sample records (module docstring), all holding every strategy in `kinds`.
+        records: per-sample records (module docstring) with ``baseline`` set, all holding every
+            strategy in `kinds`.
         kinds: strategy key -> ``"sd"`` or ``"peer"`` (the baseline is added), in report order.
         max_len: the answer cap; bins of the histograms and positions of the curves.
+        reference: HF `generate`'s record per sample (see `summarize_strategy`).
 
     Returns:
         ``n_samples``, ``lossless_rate`` (share of samples where every SD configuration equals
-        the baseline; None without SD configurations), ``lossless``, ``strategies`` (baseline
-        first, see `summarize_strategy`), ``cost_ratios`` and ``warnings``.
+        the reference; None without SD configurations), ``lossless``, ``strategies`` (baseline
+        first, see `summarize_strategy`) and ``warnings``.
 
     Raises:
         ValueError: no records, or a record lacking a strategy.
@@ -204,14 +202,17 @@ def aggregate(
         if missing:
             raise ValueError(f"record {r.get('sample_id')!r} lacks strategies {missing}")
     baselines = [r["baseline"] for r in records]
-    strategies = {BASELINE: summarize_strategy(BASELINE, "baseline", baselines, baselines, max_len)}
+    reference = baselines if reference is None else reference
+    strategies = {
+        BASELINE: summarize_strategy(BASELINE, "baseline", baselines, baselines, max_len, reference)
+    }
     for name, kind in kinds.items():
         runs = [r["strategies"][name] for r in records]
-        strategies[name] = summarize_strategy(name, kind, runs, baselines, max_len)
+        strategies[name] = summarize_strategy(name, kind, runs, baselines, max_len, reference)
     sd_names = [n for n, k in kinds.items() if k == "sd"]
     all_same = [
-        all(r["strategies"][n]["tokens"] == r["baseline"]["tokens"] for n in sd_names)
-        for r in records
+        all(r["strategies"][n]["tokens"] == ref["tokens"] for n in sd_names)
+        for r, ref in zip(records, reference, strict=True)
     ]
     warnings = [f"{name}: {s['flag']}" for name, s in strategies.items() if s["flag"] is not None]
     return {
@@ -219,7 +220,6 @@ def aggregate(
         "lossless_rate": mean([float(s) for s in all_same]) if sd_names else None,
         "lossless": all(all_same),
         "strategies": strategies,
-        "cost_ratios": cost_ratios(records),
         "warnings": warnings,
     }
 
@@ -233,6 +233,11 @@ def _cost_line(costs: Mapping[str, Any]) -> str:
         for k in REFERENCE_COSTS
     ]
     return "Measured cost shape: " + "; ".join(parts) + "."
+
+
+def _with_ci(speedup: Mapping[str, Any]) -> str:
+    lo, hi = speedup["ci95"]
+    return f"{fmt(speedup['ratio_of_means'])} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def _is_empty(value: Any) -> bool:
@@ -259,10 +264,11 @@ def _curve_table(
 def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """`report.md` of an E2E run: the report's numbers as tables, plots linked at the end."""
     s = report["strategies"]
-    costs = report["cost_ratios"]
+    costs = report.get("cost_ratios") or {}
+    budget = report.get("budget") or {}
     ckpt = report.get("checkpoint", {})
     cfg = report.get("config", {})
-    out = ["# End-to-end evaluation", ""]
+    out = [f"# End-to-end evaluation: deployment `{report.get('deployment')}`", ""]
     if ckpt:
         verified = (
             "its training cache names the same models"
@@ -277,8 +283,16 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         source = f" ({cfg['source']})" if cfg.get("source") else ""
         out.append(
             f"{report['n_samples']} samples{source}, max_new_tokens {cfg.get('max_new_tokens')}, "
-            f"thread budget {cfg.get('threads')}, warm-up {cfg.get('warmup')} untimed run(s) per "
-            f"method, order {cfg.get('order')}, device {cfg.get('device')}."
+            f"warm-up {cfg.get('warmup')} untimed run(s) per method, order {cfg.get('order')}, "
+            f"device {cfg.get('device')}."
+        )
+    if budget:
+        base = s[BASELINE]
+        out.append(
+            f"Budget: {budget.get('cores')} core(s), deployment `{budget.get('deployment')}`: "
+            f"the target and the baselines on cores {budget.get('target_cores')}, the drafter on "
+            f"{budget.get('drafter_cores')}. Baseline: `{base.get('method')}` (the faster greedy "
+            f"loop here; the other took {fmt(base.get('other_loop_ms'))} ms)."
         )
     lossless = report["lossless_rate"]
     out += ["", f"**lossless_rate: {fmt(lossless, 3)}**"]
@@ -290,15 +304,15 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         ]
     for w in report.get("warnings", []):
         out.append(f"> {w}")
-    out += ["", "## Speedup over the target's greedy `generate`", ""]
+    out += ["", "## Speedup over the baseline (95% bootstrap intervals over samples)", ""]
     rows = [
         [
             name,
             v["method"],
             v["total_ms"],
             v["tokens"],
-            v["speedup"]["ratio_of_means"],
-            v["speedup"]["mean_of_ratios"],
+            _with_ci(v["speedup"]),
+            _with_ci(v["speedup_vs_generate"]),
             (v.get("predicted_speedup") or {}).get("ratio_of_means"),
             v["slower_share"],
             v["lossless_rate"],
@@ -312,20 +326,26 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         "total ms",
         "tokens",
         "speedup (ratio of means)",
-        "speedup (mean of ratios)",
+        "vs HF generate",
         "predicted (speedup model)",
         "slower than baseline",
         "lossless rate",
         "flag",
     ]
-    out += [table(header, rows), "", _cost_line(costs), ""]
-    out += ["## Cost shape (measured vs the real pair, docs/design.md §12)", ""]
-    rows = [[COST_LABELS[k], costs.get(k), REFERENCE_COSTS[k]] for k in REFERENCE_COSTS]
-    rows += [
-        [k.removesuffix("_ms").replace("_", " ") + " (ms)", costs.get(k), None]
-        for k in ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms")
-    ]
-    out += [table(["quantity", "measured", "real pair"], rows, digits=3), ""]
+    out += [table(header, rows), ""]
+    if costs:
+        out += [_cost_line(costs), ""]
+        out += [
+            f"## Cost shape, regime `{costs.get('regime')}` (vs the real pair, docs/design.md §12)",
+            "",
+        ]
+        rows = [[COST_LABELS[k], costs.get(k), REFERENCE_COSTS[k]] for k in REFERENCE_COSTS]
+        rows += [["target prefill beside the drafter / alone", costs.get("contention"), None]]
+        rows += [
+            [k.removesuffix("_ms").replace("_", " ") + " (ms)", costs.get(k), None]
+            for k in ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms")
+        ]
+        out += [table(["quantity", "measured", "real pair"], rows, digits=3), ""]
     out += ["## Timing breakdown (mean ms per sample)", ""]
     rows = [[name, *[v[k] for k in TIME_KEYS], v["overlap_share"]] for name, v in s.items()]
     header = ["strategy", *[k.removesuffix("_ms") for k in TIME_KEYS], "overlap / prefill"]
@@ -333,7 +353,7 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         table(header, rows),
         "",
         "`prefill` is the target prefill; `overlap` the measured intersection of the target "
-        "prefill with the draft's round-1 work (two threads); `wait` the time the target, "
+        "prefill with the draft's round-1 work; `wait` the time the target, "
         "done prefilling, waited for the drafts. HF `generate` strategies report totals only.",
         "",
     ]

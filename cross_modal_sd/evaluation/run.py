@@ -7,6 +7,8 @@ their own models and samples, or this with the models and samples patched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from omegaconf import DictConfig
 
 from cross_modal_sd.config import register_resolvers
 from cross_modal_sd.data.sharding import resolve_shard, select_local_gpu
+from cross_modal_sd.decoding.budget import DEPLOYMENTS, Budget
 from cross_modal_sd.evaluation.e2e import resolve_max_new_tokens, run_e2e
 from cross_modal_sd.evaluation.offline import run_offline
 from cross_modal_sd.evaluation.outputs import log_report, make_loggers, write_outputs
@@ -27,24 +30,43 @@ log = logging.getLogger(__name__)
 MODES = ("e2e", "offline")
 
 
+def deployments(cfg: DictConfig) -> list[str]:
+    """The deployments an e2e run times, each into its own report (``cfg.deployments``).
+
+    Raises:
+        ValueError: none, or an unknown one.
+    """
+    names = [str(d) for d in (cfg.get("deployments") or [])]
+    unknown = [d for d in names if d not in DEPLOYMENTS]
+    if not names or unknown:
+        raise ValueError(
+            f"deployments must be a non-empty list of {DEPLOYMENTS}, got {names or None}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """One evaluation run of an exported adapter (``conf/evaluate.yaml``).
 
     The export ``cfg.ckpt`` is read, and (for e2e) checked against the loaded models, before any
-    decoding. Outputs go to ``cfg.output_dir`` and the loggers of ``cfg.logger``.
+    decoding. An e2e run times every deployment of ``cfg.deployments`` in turn, each under the
+    budget ``cfg.cores``, into ``<output_dir>/<deployment>/`` (report.json, report.md,
+    samples.jsonl, plots); offline outputs go to ``cfg.output_dir``. Everything is also sent to
+    the loggers of ``cfg.logger`` (e2e scalars as ``eval/<deployment>/...``).
 
     With several ranks (torchrun's ``RANK``/``WORLD_SIZE`` or ``shard.rank``/``shard.world_size``)
-    an e2e run times this rank's block of scenes into ``<shard.dir>/parts/`` (see
-    `cross_modal_sd.evaluation.sharded`); the last rank to finish writes the merged outputs into
-    ``shard.dir`` (default: ``output_dir``) and logs them.
+    an e2e run times this rank's block of scenes into ``<shard.dir>/<deployment>/parts/`` (see
+    `cross_modal_sd.evaluation.sharded`); the last rank to finish writes the merged outputs.
 
     Returns:
-        The report (also written to ``report.json``); a rank that did not merge returns
-        ``{"mode": "e2e", "sharding": {rank, world_size, timed, resumed, merged, waiting_for}}``.
+        Offline: the report (also written to ``report.json``). E2E: ``{"mode": "e2e",
+        "deployments": {name: report}}``; a rank that did not merge has ``{"sharding": status}``
+        in place of that deployment's report.
 
     Raises:
         ExportError: no ``ckpt``, or a missing or incompatible export.
-        ValueError: unknown mode, strategy or split; bad ``max_new_tokens``.
+        ValueError: unknown mode, deployment, strategy or split; bad ``max_new_tokens`` or
+            ``cores``.
     """
     register_resolvers()  # a config composed outside an entry point resolves too
     if cfg.mode not in MODES:
@@ -58,31 +80,58 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     export = load_export(cfg.ckpt)
     log.info("evaluating %s (adapter %s, run %s)", export.path, export.name, export.run_name)
     out_dir = Path(cfg.output_dir)
-    if cfg.mode == "e2e":
-        resolve_max_new_tokens(cfg.max_new_tokens, 1)  # bad values fail before the models load
-        shard = resolve_shard(cfg.get("shard"))
-        select_local_gpu()
-        pair = load_pair(cfg.models)
-        if shard.world_size > 1:
-            out_dir = Path(cfg.shard.get("dir") or cfg.output_dir)
-            status = evaluate_part(cfg, export, pair, shard, out_dir)
-            if not status["merged"]:
-                return {"mode": "e2e", "sharding": status}
-            report, records = status.pop("report"), status.pop("records")
-        else:
-            samples = (s for _, s in make_source(cfg.source).samples(pair))
-            cache_dir = cfg.data.get("cache_dir")
-            report, records = run_e2e(pair, export, samples, cfg, cache_dir=cache_dir)
-        report["config"]["source"] = make_source(cfg.source).describe()
-    else:
+    if cfg.mode == "offline":
         report, records = run_offline(export, cfg)
-    plots = write_outputs(report, records, out_dir)
+        with _loggers(cfg) as loggers:
+            _write_and_log(loggers, report, records, out_dir, prefix="eval")
+        return report
+    resolve_max_new_tokens(cfg.max_new_tokens, 1)  # bad values fail before the models load
+    names = deployments(cfg)
+    for name in names:  # a bad budget fails before the models load
+        Budget(int(cfg.cores), name, int(cfg.get("draft_cores", 1)), str(cfg.device))
+    shard = resolve_shard(cfg.get("shard"))
+    select_local_gpu()
+    pair = load_pair(cfg.models)
+    source = make_source(cfg.source)
+    out: dict[str, Any] = {}
+    with _loggers(cfg) as loggers:
+        for name in names:
+            out[name] = _e2e_deployment(cfg, export, pair, source, shard, name, loggers)
+    return {"mode": "e2e", "deployments": out}
+
+
+def _e2e_deployment(cfg, export, pair, source, shard, name, loggers) -> dict[str, Any]:
+    """One deployment's run (or this rank's part of it); its outputs under ``<dir>/<name>``."""
+    if shard.world_size > 1:
+        root = Path(cfg.shard.get("dir") or cfg.output_dir) / name
+        status = evaluate_part(cfg, export, pair, shard, root, name)
+        if not status["merged"]:
+            return {"sharding": status}
+        report, records = status.pop("report"), status.pop("records")
+    else:
+        root = Path(cfg.output_dir) / name
+        samples = (s for _, s in source.samples(pair))
+        report, records = run_e2e(
+            pair, export, samples, cfg, name, cache_dir=cfg.data.get("cache_dir")
+        )
+    report["config"]["source"] = source.describe()
+    _write_and_log(loggers, report, records, root, prefix=f"eval/{name}")
+    return report
+
+
+@contextmanager
+def _loggers(cfg: DictConfig) -> Iterator[list[Any]]:
+    """The configured loggers for one evaluation; a W&B run is closed at the end."""
     loggers = make_loggers(cfg.get("logger"))
     failed = True
     try:
-        log_report(loggers, report, records, plots)
+        yield loggers
         failed = False
     finally:
         finish_wandb(loggers, failed)
+
+
+def _write_and_log(loggers, report, records, out_dir: Path, prefix: str) -> None:
+    plots = write_outputs(report, records, out_dir)
+    log_report(loggers, report, records, plots, prefix)
     log.info("report: %s", out_dir / "report.md")
-    return report

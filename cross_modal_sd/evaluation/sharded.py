@@ -19,7 +19,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cross_modal_sd.analysis.speedup_model import CostProfile
 from cross_modal_sd.data.sharding import (
     Shard,
     clear_done,
@@ -27,9 +26,10 @@ from cross_modal_sd.data.sharding import (
     missing_ranks,
     request_digest,
 )
-from cross_modal_sd.evaluation.e2e import prepare_e2e, summarize_e2e, time_samples
+from cross_modal_sd.evaluation.e2e import prepare_e2e, summarize_e2e, time_samples, with_baseline
 from cross_modal_sd.exports import AdapterExport
 from cross_modal_sd.pair import PairModels, make_source
+from cross_modal_sd.speedup import CostProfile
 from cross_modal_sd.utils import json_safe
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ REQUEST_KEYS = (
     "data",
     "source",
     "max_new_tokens",
-    "threads",
+    "cores",
+    "draft_cores",
     "warmup",
     "device",
-    "cost_probe",
     "cost_profile",
     "strategies",
     "decoding",
@@ -105,7 +105,12 @@ class _PartWriter:
 
 
 def evaluate_part(
-    cfg: DictConfig, export: AdapterExport, pair: PairModels, shard: Shard, root: Path
+    cfg: DictConfig,
+    export: AdapterExport,
+    pair: PairModels,
+    shard: Shard,
+    root: Path,
+    deployment: str,
 ) -> dict[str, Any]:
     """Time this rank's block of samples into its part; merge when every rank is done.
 
@@ -114,8 +119,9 @@ def evaluate_part(
         export: the adapter export.
         pair: the loaded models.
         shard: this rank.
-        root: folder shared by the ranks (``shard.dir``): parts under ``root/parts``, the merged
-            outputs in ``root``.
+        root: folder shared by the ranks (``<shard.dir>/<deployment>``): parts under
+            ``root/parts``, the merged outputs in ``root``.
+        deployment: the deployment timed.
 
     Returns:
         ``rank``, ``world_size``, ``timed`` (samples timed now), ``resumed`` (samples the part
@@ -126,9 +132,10 @@ def evaluate_part(
         PartError: ``root`` holds parts of another evaluation.
     """
     parts = root / PARTS_DIR
-    setup = prepare_e2e(pair, export, cfg, cfg.data.get("cache_dir"))
+    setup = prepare_e2e(pair, export, cfg, deployment, cfg.data.get("cache_dir"))
     request_cfg = {k: cfg.get(k) for k in REQUEST_KEYS}
     request_cfg["ckpt"] = str(export.path)
+    request_cfg["deployment"] = deployment
     request = request_digest(
         {
             **OmegaConf.to_container(OmegaConf.create(request_cfg), resolve=True),
@@ -177,6 +184,7 @@ def evaluate_part(
             elif "warning" in entry:
                 warnings.append(f"rank {rank}: {entry['warning']}")
     report = summarize_e2e(setup, records, profiles, warnings)
+    records = with_baseline(records, report["baseline_loop"])
     report["sharding"] = {
         "world_size": shard.world_size,
         "parts": str(parts),

@@ -79,7 +79,6 @@ def parse_strategies(
             decode=phase,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
-            split_threads=bool(decoding.get("split_threads", True)),
         )
         canonical = f"sd_{kind}_{phase}"
         out.setdefault(canonical, Strategy(canonical, "sd", config))

@@ -166,6 +166,17 @@ def draft_tokens(pred: Tensor, lm_head_weight: Tensor, vocab_limit: int | None =
     return (pred.float() @ weight.T).argmax(dim=-1)  # (B, T)
 
 
+def draft_top1(
+    pred: Tensor, lm_head_weight: Tensor, vocab_limit: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """`draft_tokens` and the drafter's top-1 probability (softmax over the allowed ids) at each
+    position, what a confidence-stopped policy reads: ``((B, T) int64, (B, T) float32)``."""
+    weight = lm_head_weight if vocab_limit is None else lm_head_weight[:vocab_limit]
+    logits = pred.float() @ weight.to(pred.device).float().T  # (B, T, V')
+    confidence, _ = logits.softmax(dim=-1).max(dim=-1)
+    return draft_tokens(pred, lm_head_weight, vocab_limit), confidence
+
+
 def token_match(pred_tokens: Tensor, tokens: Tensor, mask: Tensor) -> float:
     """Share of valid positions where ``pred_tokens == tokens`` (NaN if no valid position).
 

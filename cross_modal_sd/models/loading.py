@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, VideoLlavaForConditionalGeneration
 
+from cross_modal_sd.models.architectures import clip_vit_l14_336_config
 from cross_modal_sd.models.eventgpt import EventGPT, _from_original_key, read_eventgpt_config
 
 CLIP_PREFIX = "model.visual_tower.visual_tower."
@@ -96,21 +97,6 @@ def _find_clip(directory: Path, mm_visual_tower: str | None, clip_dir: str | Non
     if mm_visual_tower:
         candidates += [directory / mm_visual_tower, Path(mm_visual_tower)]
     return candidates
-
-
-def clip_vit_l14_336_config() -> CLIPVisionConfig:
-    """The vision config of CLIP ViT-L/14-336, the tower every EventGPT-7B checkpoint uses."""
-    return CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=768,
-    )
 
 
 def _tower_matches(state: dict[str, torch.Tensor], cfg: CLIPVisionConfig, nested: bool) -> bool:

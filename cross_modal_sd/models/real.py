@@ -17,8 +17,7 @@ models, so neither can produce `<image>`, `<video>`, `<pad>` or EventGPT's added
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from cross_modal_sd.data.events import EventStream, EventStreamError, render_event_image
+from cross_modal_sd.models.architectures import EVENT_SIZE, FRAME_SIZE, VIDEO_FRAMES
 from cross_modal_sd.models.eventgpt import EventGPT
 from cross_modal_sd.models.loading import CheckpointError, load_eventgpt, load_videollava
 from cross_modal_sd.models.preprocess import frames_to_pixels
@@ -39,9 +39,6 @@ from cross_modal_sd.models.prompts import (
 )
 
 TEXT_VOCAB = 32000  # Vicuna's vocabulary; ids at or above it are never generated
-VIDEO_FRAMES = 8  # frames Video-LLaVA reads
-FRAME_SIZE = 224  # Video-LLaVA's CLIP input side
-EVENT_SIZE = 336  # EventGPT's CLIP ViT-L/14-336 input side
 EV_START, EV_END = "<ev_start>", "<ev_end>"  # EventGPT's optional event delimiters
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -338,162 +335,3 @@ def load_real_models(models_cfg: Mapping) -> RealModels:
         event_wrap=wrap,
     )
     return RealModels(target, draft, tokenizer, inputs, vocab_limit)
-
-
-# ------------------------------------------------------------------ random weights, real shapes
-
-# Size fields of the real pair's parts, checked against the released configs: Video-LLaVA-7B-hf's
-# text config (Llama-7B) equals Vicuna-v1.5-7B's, EventGPT's decoder; both read CLIP ViT-L/14
-# (Video-LLaVA at 224, EventGPT at 336, the latter equal to `clip_vit_l14_336_config`).
-LLAMA_7B = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-}
-CLIP_VIT_L14 = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-}
-VIDEO_LLAVA_VOCAB = 32064  # Video-LLaVA-7B-hf's embedding rows (<image>, <video>, <pad>, padding)
-EVENTGPT_VOCAB = 32003  # EventGPT-7B's rows: Vicuna's 32000 + <ev_patch>, <ev_start>, <ev_end>
-
-
-@dataclass(frozen=True)
-class PairShapes:
-    """Sizes of both real architectures, for models built with random weights (no checkpoint).
-
-    Attributes:
-        name: label (``real`` or ``tiny``).
-        decoder: `LlamaConfig` size fields of both decoders.
-        tower: `CLIPVisionConfig` size fields of both vision towers (image size apart).
-        frame_size: side of the target's frames.
-        event_size: side of the draft's event images.
-    """
-
-    name: str
-    decoder: Mapping
-    tower: Mapping
-    frame_size: int = FRAME_SIZE
-    event_size: int = EVENT_SIZE
-
-    def tokens_per_image(self, size: int) -> int:
-        """Tower tokens of one image: every patch plus CLS."""
-        return (size // self.tower["patch_size"]) ** 2 + 1
-
-
-PAIR_SHAPES = {
-    "real": PairShapes("real", LLAMA_7B, CLIP_VIT_L14),
-    # Every width and depth scaled down (MLP/width ratios kept); images at a quarter of the side
-    # with the same patch, so the target still reads 8 x 17 = 136 video tokens against the
-    # draft's T + 37 (real: 8 x 257 against T + 577). Runs on a CPU in seconds.
-    "tiny": PairShapes(
-        "tiny",
-        {
-            **LLAMA_7B,
-            "hidden_size": 64,
-            "intermediate_size": 172,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-        },
-        {
-            **CLIP_VIT_L14,
-            "hidden_size": 32,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "projection_dim": 24,
-        },
-        frame_size=FRAME_SIZE // 4,
-        event_size=EVENT_SIZE // 4,
-    ),
-}
-
-
-def videollava_config(shapes: PairShapes, n_frames: int = VIDEO_FRAMES):
-    """A `VideoLlavaConfig` with the fields of LanguageBind/Video-LLaVA-7B-hf at `shapes`."""
-    from transformers import VideoLlavaConfig
-
-    tokens = shapes.tokens_per_image(shapes.frame_size)
-    cfg = VideoLlavaConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": VIDEO_LLAVA_VOCAB,
-            "pad_token_id": 0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            **shapes.decoder,
-        },
-        vision_config={
-            "model_type": "clip_vision_model",
-            "image_size": shapes.frame_size,
-            **shapes.tower,
-        },
-        image_token_index=32000,
-        video_token_index=32001,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=tokens - 1,  # images drop CLS ("default"), video frames keep it
-        video_seq_length=n_frames * tokens,
-    )
-    cfg.pad_token_id = 32001
-    return cfg
-
-
-def eventgpt_configs(shapes: PairShapes, event_frames: int = 5):
-    """(`LlamaConfig`, `CLIPVisionConfig`) of EventGPT-7B at `shapes`."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    llama = LlamaConfig(
-        vocab_size=EVENTGPT_VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **shapes.decoder,
-    )
-    llama.event_frames = event_frames
-    return llama, CLIPVisionConfig(image_size=shapes.event_size, **shapes.tower)
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """torch's default floating dtype for the `with` body (modules built inside use it)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
-def random_pair(
-    shapes: PairShapes, device: str, dtype: torch.dtype, event_frames: int = 5, seed: int = 0
-):
-    """Video-LLaVA and EventGPT at `shapes` with random weights, built on `device` in `dtype`.
-
-    Parameters are allocated and initialised where they live, in their final dtype: at the real
-    shapes (7.4 B + 7.1 B parameters, ~29 GB in bf16) nothing goes through a CPU float32 copy.
-    Costs do not depend on weight values, so these time like the released checkpoints.
-
-    Returns:
-        (`VideoLlavaForConditionalGeneration`, `EventGPT`), both in eval mode.
-    """
-    from transformers import VideoLlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    with torch.device(device), default_dtype(dtype):
-        target = VideoLlavaForConditionalGeneration(videollava_config(shapes))
-        draft = EventGPT(*eventgpt_configs(shapes, event_frames))
-    return target.eval(), draft.eval()

@@ -33,6 +33,25 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
     cache.crop(length - current if _NEGATIVE_CROP else length)
 
 
+class MaskedHead(torch.nn.Module):
+    """An `lm_head` whose logits of ids >= `vocab_limit` are -inf (they are never valid text).
+
+    Its own small module, so a drafter can carry the target's head to another process without
+    the rest of the target.
+    """
+
+    def __init__(self, lm_head: torch.nn.Linear, vocab_limit: int | None):
+        super().__init__()
+        self.lm_head = lm_head
+        self.vocab_limit = vocab_limit
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit :] = float("-inf")
+        return logits
+
+
 @dataclass
 class ForwardOut:
     """Hidden states (B, k, D), masked logits (B, k, V) and the cache after the call."""
@@ -49,6 +68,7 @@ class _Decoder:
         self.backbone = backbone
         self.lm_head = lm_head
         self.vocab_limit = vocab_limit
+        self.head = MaskedHead(lm_head, vocab_limit)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -56,10 +76,7 @@ class _Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head with ids >= vocab_limit masked to -inf (they are never valid text)."""
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
-        if self.vocab_limit is not None:
-            logits[..., self.vocab_limit :] = float("-inf")
-        return logits
+        return self.head(hidden)
 
     def _run(self, cache: DynamicCache, keep_last: int | None, **inputs) -> ForwardOut:
         out = self.backbone(**inputs, **{CACHE_KW: cache}, use_cache=True)

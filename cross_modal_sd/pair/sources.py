@@ -87,7 +87,14 @@ class MiniSource(SampleSource):
         start = self.start if start is None else start
         count = self.count if count is None else count
         for s in scene_samples(
-            c.seed, self.split, count, c.image_size, c.n_frames, c.event_frames, start=start
+            c.seed,
+            self.split,
+            count,
+            c.image_size,
+            c.n_frames,
+            c.event_frames,
+            start=start,
+            event_size=c.event_size,
         ):
             if s.sample_id in skip:
                 yield s.sample_id, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger

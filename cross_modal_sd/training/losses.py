@@ -1,4 +1,4 @@
-"""Adapter training loss (DESIGN §9): position-weighted cosine, optional MSE and token CE.
+"""Adapter training loss (docs/design.md §9): position-weighted cosine, optional MSE and token CE.
 
 Every term is a weighted mean over valid positions, ``Σ_bt w_t m_bt x_bt / Σ_bt w_t m_bt``, with
 ``w_t = exp(-decay · t)`` for answer position ``t``. Greedy speculative decoding accepts drafts up

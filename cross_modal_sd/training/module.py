@@ -1,4 +1,4 @@
-"""LightningModule that trains one adapter on hidden-state pairs (DESIGN §9)."""
+"""LightningModule that trains one adapter on hidden-state pairs (docs/design.md §9)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from cross_modal_sd.adapters import build_adapter
 from cross_modal_sd.metrics import DEFAULT_TAUS, AlignmentMetrics
+from cross_modal_sd.metrics.offline import previous_tokens
 from cross_modal_sd.training.losses import AlignmentLoss, SplitLoss
 from cross_modal_sd.training.schedule import resolve_warmup, warmup_cosine_schedule
 
@@ -120,9 +121,7 @@ class AdapterModule(L.LightningModule):
         mask = batch["mask"]
         if not self.adapter.uses_tokens:
             return self.adapter.forward_heads(h, mask)
-        tokens = batch["tokens"]
-        start = tokens.new_full((tokens.shape[0], 1), self.hparams.prompt_last_token)
-        previous = torch.cat([start, tokens[:, :-1]], dim=1)  # (B, T): y[k-1], prompt end at 0
+        previous = previous_tokens(batch["tokens"], self.hparams.prompt_last_token)  # (B, T)
         return self.adapter.forward_heads(h, mask, previous)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

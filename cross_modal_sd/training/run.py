@@ -28,6 +28,7 @@ from cross_modal_sd.exports import (
     export_run,
     load_export,
 )
+from cross_modal_sd.metrics.offline import acceptance_arrays, offline_metrics
 from cross_modal_sd.training.callbacks import WandbValCurves
 from cross_modal_sd.training.checkpoints import adapter_from_checkpoint, load_checkpoint
 from cross_modal_sd.training.module import AdapterModule
@@ -264,8 +265,25 @@ def _export(
     if trainer.is_global_zero:
         manifest = datamodule.cache.manifest
         models = {key: manifest[key] for key in ("draft_model", "target_model")}
+        # The speedup model replays SD over these (docs/design.md §13): every val sample's
+        # teacher-forced acceptance under the exported (best) adapter.
+        _, rows = offline_metrics(
+            adapter,
+            datamodule.cache,
+            datamodule.splits["val"],
+            datamodule.lm_head_weight(),
+            vocab_limit=manifest.get("vocab_limit"),
+            max_len=module.hparams.max_len,
+            prompt_last_token=module.hparams.prompt_last_token,
+        )
         export_run(
-            export_dir, adapter, summary["best"], datamodule.manifest_digest, summary, models
+            export_dir,
+            adapter,
+            summary["best"],
+            datamodule.manifest_digest,
+            summary,
+            models,
+            acceptance_arrays(rows),
         )
         best = summary["best"]
         log.info(

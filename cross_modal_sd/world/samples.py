@@ -53,9 +53,17 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def render_scene(
-    seed: int, split: str, index: int, size: int, n_frames: int, event_frames: int
+    seed: int,
+    split: str,
+    index: int,
+    size: int,
+    n_frames: int,
+    event_frames: int,
+    event_size: int | None = None,
 ) -> SceneViews:
-    """Draws scene `index` of `split` and records it with both sensors."""
+    """Draws scene `index` of `split` and records it with both sensors (both `size` pixels wide);
+    the event images are resized to `event_size` for the draft's tower (None: `size`), as the
+    real draft resizes DSEC's 480 x 640 event canvas to its 336 px tower."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = scene_rng(seed, split, index)
@@ -67,7 +75,10 @@ def render_scene(
     )
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
     return SceneViews(
-        scene, frames_to_pixels(torch.from_numpy(frames)), events, frames_to_pixels(images)
+        scene,
+        frames_to_pixels(torch.from_numpy(frames)),
+        events,
+        frames_to_pixels(images, event_size),
     )
 
 
@@ -79,9 +90,10 @@ def scene_samples(
     n_frames: int = 8,
     event_frames: int = 2,
     start: int = 0,
+    event_size: int | None = None,
 ) -> Iterator[MiniSample]:
     """Yields every question of scenes start..start+n_scenes-1 of a split."""
     for i in range(start, start + n_scenes):
-        v = render_scene(seed, split, i, size, n_frames, event_frames)
+        v = render_scene(seed, split, i, size, n_frames, event_frames, event_size)
         for qa in questions(v.scene):
             yield MiniSample(v.scene, qa, v.frames, v.events, v.event_pixels)

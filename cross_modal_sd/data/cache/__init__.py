@@ -1,4 +1,4 @@
-"""Hidden-state pair cache (docs/design.md, "The cache format"): on-disk format, resumable writer, memory-mapped reader.
+"""Hidden-state pair cache (docs/design.md §6): on-disk format, resumable writer, memory-mapped reader.
 
 A cache directory holds::
 

@@ -1,17 +1,18 @@
 """Projection: each exported adapter's predicted speedup under a chosen cost profile.
 
 The prior system projected 5.77x from cosine similarity and measured 1.03x. This projects from
-token-level acceptance (the val curves stored in every ``best_model.pt``) through the speedup
-model, per decoding configuration of ``evaluate.py``, and draws the acceptance -> speedup curve
-each configuration follows under the profile, with the adapters on it::
+token-level acceptance (the accepted-length curve stored in every ``best_model.pt``) through the
+speedup model, per decoding configuration of ``evaluate.py``, to answers of another length and
+another cost profile (the real pair's), and draws the acceptance -> speedup curve each
+configuration follows, with the adapters on it::
 
-    python -m cross_modal_sd.analysis.project                      # checkpoints/*/best_model.pt, prior_rtx4090
-    python -m cross_modal_sd.analysis.project --profile mini_cpu.json --tokens 20 --out outputs/projection
-    python -m cross_modal_sd.analysis.project --levers             # what moves real-scale speedup
+    python -m cross_modal_sd.speedup.project                      # checkpoints/*/best_model.pt, prior_rtx4090
+    python -m cross_modal_sd.speedup.project --profile mini_cpu.json --tokens 20 --out outputs/projection
+    python -m cross_modal_sd.speedup.project --levers             # what moves real-scale speedup
 
-Confidence-stopped drafting has no offline description (offline evaluation does not record
-where the drafter would stop), so it is projected with an *oracle* stop: every round keeps
-exactly the drafts the target will accept — the best any draft-length controller can do.
+At another answer length the per-sample sequences of the export do not apply, so acceptance is
+synthesised from its accepted-length curve (`Acceptance.from_runs`), with an *oracle* stop for
+the confidence policy: every round keeps exactly the drafts the target will accept.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cross_modal_sd.utils import table
-from cross_modal_sd.analysis.speedup_model import (
-    Acceptance,
-    CostProfile,
-    load_profile,
-    predict_speedup,
-)
 from cross_modal_sd.decoding import DraftPolicy, SDConfig
+from cross_modal_sd.exports import load_export
+from cross_modal_sd.speedup.acceptance import Acceptance
+from cross_modal_sd.speedup.costs import CostProfile, load_profile
+from cross_modal_sd.speedup.model import predict
+from cross_modal_sd.utils import table
 
 DEFAULT_EXPORTS = "checkpoints/*/best_model.pt"
 
@@ -68,11 +67,16 @@ def configurations(decode_gamma: int = 5, max_drafts: int = 32) -> list[Configur
     ]
 
 
-def geometric(q: float, max_len: int = 64) -> Acceptance:
+SYNTHETIC_REPEATS = 200  # sequences per projection: the mean speedup moves < 1% between seeds
+
+
+def geometric(q: float, tokens: int = 30) -> Acceptance:
     """Every draft accepted with probability ``q`` independently of position (a reference
     family for curves: its mean round-1 run is ``q / (1 - q)`` below the cap)."""
-    hist = [q**r * (1 - q) for r in range(max_len)] + [q**max_len]
-    return Acceptance(first_round=tuple(hist), conditional=(q,), source=f"geometric q={q:g}")
+    hist = [q**r * (1 - q) for r in range(tokens)] + [q**tokens]
+    return Acceptance.from_runs(
+        hist, [tokens], repeats=SYNTHETIC_REPEATS, source=f"geometric q={q:g}"
+    )
 
 
 def project(
@@ -85,27 +89,28 @@ def project(
     out = {}
     for c in configs or configurations():
         config = SDConfig(policy=c.policy, decode=c.decode, max_new_tokens=tokens + 2)
-        out[c.name] = predict_speedup(profile, acceptance, config, [tokens])["speedup"][
-            "ratio_of_means"
-        ]
+        out[c.name] = predict(profile, acceptance, config)["speedup"]["ratio_of_means"]
     return out
 
 
-def read_export(path: str | Path) -> dict[str, Any]:
-    """Name, run, epoch, val metrics and acceptance of one ``best_model.pt``."""
-    import torch
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    metrics = payload.get("metrics") or {}
+def read_export(path: str | Path, tokens: int = 30) -> dict[str, Any]:
+    """Name, run, val metrics and acceptance (synthesised for ``tokens``-token answers) of one
+    export."""
+    export = load_export(path)
+    hist = export.curves.get("val/accepted_length_hist")
+    if hist is None:
+        raise ValueError(f"{path}: no accepted-length curve; re-export it with `python train.py`")
     return {
         "path": str(path),
-        "adapter": (payload.get("adapter_config") or {}).get("name"),
-        "run_name": payload.get("run_name"),
-        "epoch": payload.get("epoch"),
-        "token_match": metrics.get("val/token_match"),
-        "token_accept_len": metrics.get("val/token_accept_len"),
-        "cos_sim": metrics.get("val/cos_sim"),
-        "acceptance": Acceptance.from_export_curves(payload.get("curves") or {}, str(path)),
+        "adapter": export.name,
+        "run_name": export.run_name,
+        "epoch": None,
+        "token_match": export.metrics.get("val/token_match"),
+        "token_accept_len": export.metrics.get("val/token_accept_len"),
+        "cos_sim": export.metrics.get("val/cos_sim"),
+        "acceptance": Acceptance.from_runs(
+            hist, [tokens], repeats=SYNTHETIC_REPEATS, source=f"curves of {path}"
+        ),
     }
 
 
@@ -135,18 +140,25 @@ def projection_table(
                 "run": "reference",
                 "epoch": None,
                 "token_match": None,
-                "token_accept_len": acc.first_round_mean,
+                "token_accept_len": acc.first_run_mean,
                 **project(profile, acc, tokens),
             }
         )
     return rows
 
 
-def default_references() -> dict[str, Acceptance]:
+def prior_acceptance(tokens: int = 30) -> Acceptance:
+    """The prior system's 4.4 accepted drafts per run."""
+    return Acceptance.from_runs(
+        [0, 0, 0, 0, 0.6, 0.4, 0], [tokens], repeats=SYNTHETIC_REPEATS, source="prior system"
+    )
+
+
+def default_references(tokens: int = 30) -> dict[str, Acceptance]:
     """Context rows: the prior system's 4.4 accepted drafts, and a drafter twice as good."""
     return {
-        "prior system (4.4 accepted)": Acceptance.from_mean(4.4),
-        "geometric q=0.9": geometric(0.9),
+        "prior system (4.4 accepted)": prior_acceptance(tokens),
+        "geometric q=0.9": geometric(0.9, tokens),
     }
 
 
@@ -188,7 +200,7 @@ def curves(
     rates = rates or [i / 40 for i in range(40)] + [0.985, 0.995]
     out: dict[str, list[tuple[float, float]]] = {c.name: [] for c in configurations()}
     for q in rates:
-        acc = geometric(q)
+        acc = geometric(q, tokens)
         for name, speedup in project(profile, acc, tokens).items():
             out[name].append((acc.first_round_mean, speedup))
     return out
@@ -242,16 +254,16 @@ def levers(
 
     Levers: acceptance (twice the mean run, near-perfect), draft-length control (fixed counts
     vs. prefill-filling vs. the oracle stop, via the configurations), decode-phase drafting
-    (the draft_model columns; a 4x cheaper drafter), and concurrency (round 1 serialised, or
-    no overlap of drafts with the prefill at all).
+    (the draft_model columns; a 4x cheaper drafter), and concurrency (both models slowed 2x
+    side by side, or no contention at all).
     """
     double = geometric(
-        min(0.99, 2 * acceptance.first_round_mean / (1 + 2 * acceptance.first_round_mean))
+        min(0.99, 2 * acceptance.first_run_mean / (1 + 2 * acceptance.first_run_mean)), tokens
     )
     variants: list[tuple[str, CostProfile, Acceptance]] = [
         ("as measured", profile, acceptance),
         ("acceptance: twice the accepted run", profile, double),
-        ("acceptance: near-perfect (q = 0.99)", profile, geometric(0.99)),
+        ("acceptance: near-perfect (q = 0.99)", profile, geometric(0.99, tokens)),
         (
             "drafter 4x cheaper per token",
             profile.with_(
@@ -260,13 +272,13 @@ def levers(
             acceptance,
         ),
         (
-            "concurrency: serialised round 1 (contention 1)",
-            profile.with_(contention=1.0),
+            "concurrency: both models 2x slower side by side (GIL-bound threads)",
+            profile.with_(target_contention=2.0, draft_contention=2.0),
             acceptance,
         ),
         (
-            "concurrency: perfect overlap (contention 0)",
-            profile.with_(contention=0.0, round1_overhead_ms=0.0),
+            "concurrency: perfect overlap (no contention)",
+            profile.with_(target_contention=1.0, draft_contention=1.0),
             acceptance,
         ),
     ]
@@ -283,7 +295,7 @@ def render_levers(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Command line: the projection table (markdown + JSON) and plot of the given exports."""
     parser = argparse.ArgumentParser(
-        prog="python -m cross_modal_sd.analysis.project",
+        prog="python -m cross_modal_sd.speedup.project",
         description="Predicted speedup of exported adapters under a cost profile.",
     )
     parser.add_argument(
@@ -302,13 +314,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     paths = args.exports or sorted(glob.glob(DEFAULT_EXPORTS))
-    exports = [read_export(p) for p in paths]
-    rows = projection_table(exports, profile, args.tokens, default_references())
+    exports = [read_export(p, args.tokens) for p in paths]
+    rows = projection_table(exports, profile, args.tokens, default_references(args.tokens))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = render_projection(rows, profile, args.tokens)
     if args.levers:
-        base = exports[0]["acceptance"] if exports else Acceptance.from_mean(4.4)
+        base = exports[0]["acceptance"] if exports else prior_acceptance(args.tokens)
         what = exports[0]["path"] if exports else "the prior system's 4.4 accepted drafts"
         markdown += f"\n\n## Levers (from {what})\n\n" + render_levers(
             levers(profile, base, args.tokens)

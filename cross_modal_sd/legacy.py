@@ -16,7 +16,7 @@ are recomputed as the target's greedy choice `argmax(lm_head(h_target))` over id
 Chunks are memory-mapped (`torch.load(mmap=True)`), so a 1.6 GB chunk costs its pages in the page
 cache, not in process memory; only the unpadded rows of one shard at a time are held.
 
-    python -m cross_modal_sd.data.legacy <legacy_dir> <out_dir> --lm-head vl_lm_head.pt
+    python -m cross_modal_sd.legacy <legacy_dir> <out_dir> --lm-head vl_lm_head.pt
 """
 
 from __future__ import annotations
@@ -278,9 +278,9 @@ def import_legacy_cache(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line: ``python -m cross_modal_sd.data.legacy SRC OUT --lm-head FILE``."""
+    """Command line: ``python -m cross_modal_sd.legacy SRC OUT --lm-head FILE``."""
     parser = argparse.ArgumentParser(
-        prog="python -m cross_modal_sd.data.legacy",
+        prog="python -m cross_modal_sd.legacy",
         description="Import a prior-system chunked hidden-state cache (index-paired).",
     )
     parser.add_argument("src", help="prior-system directory holding index.json and chunks/")

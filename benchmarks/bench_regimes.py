@@ -1,0 +1,216 @@
+"""Speedups across cost regimes and deployments, measured and predicted, with intervals.
+
+For each mini world named (`conf/models/<name>.yaml`, built on demand) it runs the pipeline's own
+commands: `python train.py models=<name> run_name=bench-<name>` when the export is missing (which
+builds the world and extracts the cache first), then `python evaluate.py` with both deployments,
+``--repeats`` times (fresh test scenes: the adapter and the speedup model never saw them). It
+writes, into ``--out``:
+
+* ``regimes.md`` / ``regimes.json``: per world, deployment and strategy the measured speedup
+  (ratio of means, 95% bootstrap interval over samples; with repeats, the spread of the repeats'
+  point estimates), the speedup model's prediction (probes + the export's validation split) and
+  the measured cost shape (target prefill share, draft/target prefill and per-token ratios,
+  contention);
+* ``validation.md``: predicted against measured for every point (`speedup.validation`);
+* ``regimes.png``: speedup against the target-prefill share, per strategy and deployment.
+
+    python benchmarks/bench_regimes.py                                   # the default world
+    python benchmarks/bench_regimes.py --models mini mini_p15 --repeats 3 --count 20
+
+Time everything on an idle machine: every figure is a wall-clock measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cross_modal_sd.speedup.validation import render_validation, validation_rows
+from cross_modal_sd.utils import table, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str]) -> None:
+    """One pipeline command from the repo root; its output streams through."""
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def export_for(models: str, epochs: int) -> Path:
+    """The benchmark's adapter for a world, trained once (world and cache built on demand)."""
+    ckpt = REPO / "checkpoints" / f"bench-{models}" / "best_model.pt"
+    if not ckpt.is_file():
+        run(
+            [
+                sys.executable,
+                "train.py",
+                f"models={models}",
+                f"run_name=bench-{models}",
+                f"trainer.max_epochs={epochs}",
+                "logger=none",
+            ]
+        )
+    return ckpt
+
+
+def evaluate(models: str, ckpt: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+    """One evaluate.py run (both deployments); its reports."""
+    run(
+        [
+            sys.executable,
+            "evaluate.py",
+            f"models={models}",
+            f"ckpt={ckpt}",
+            f"source.count={args.count}",
+            f"source.start={args.start}",
+            f"cores={args.cores}",
+            "logger=none",
+            f"hydra.run.dir={out}",
+        ]
+    )
+    return [json.loads((out / d / "report.json").read_text()) for d in ("shared", "own_device")]
+
+
+def summarise(reports: list[dict]) -> list[dict[str, Any]]:
+    """One row per (world, deployment, strategy): the first repeat's interval, every repeat's
+    point estimate, the mean prediction and the cost shape."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in reports:
+        for name, s in r["strategies"].items():
+            if name == "baseline":
+                continue
+            key = (r["cost_ratios"]["regime"], r["deployment"], name)
+            groups.setdefault(key, []).append((r, s))
+    rows = []
+    for (regime, deployment, name), runs in groups.items():
+        first_report, first = runs[0]
+        points = [s["speedup"]["ratio_of_means"] for _, s in runs]
+        preds = [(s.get("predicted_speedup") or {}).get("ratio_of_means") for _, s in runs]
+        preds = [p for p in preds if p is not None]
+        costs = first_report["cost_ratios"]
+        rows.append(
+            {
+                "regime": regime,
+                "deployment": deployment,
+                "strategy": name,
+                "baseline": first_report["strategies"]["baseline"]["method"],
+                "speedup": statistics.mean(points),
+                "ci95": first["speedup"]["ci95"],
+                "repeats": points,
+                "predicted": statistics.mean(preds) if preds else None,
+                "tau": first.get("tau"),
+                "lossless_rate": first["lossless_rate"],
+                "prefill_share": costs["target_prefill_share"],
+                "draft_prefill_ratio": costs["draft_prefill_ratio"],
+                "draft_token_ratio": costs["draft_token_ratio"],
+                "contention": costs["contention"],
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict], command: str) -> str:
+    header = [
+        "regime (prefill share)",
+        "deployment",
+        "strategy",
+        "speedup [95% CI of run 1]",
+        "repeats",
+        "predicted",
+        "tau",
+        "lossless",
+        "draft/target prefill",
+        "draft/target per token",
+        "contention",
+    ]
+    body = [
+        [
+            f"{r['regime']} ({r['prefill_share']:.2f})",
+            r["deployment"],
+            r["strategy"],
+            f"{r['speedup']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
+            ", ".join(f"{p:.3f}" for p in r["repeats"]),
+            r["predicted"],
+            r["tau"],
+            r["lossless_rate"],
+            r["draft_prefill_ratio"],
+            r["draft_token_ratio"],
+            r["contention"],
+        ]
+        for r in rows
+    ]
+    return f"`{command}` ({time.strftime('%Y-%m-%d')})\n\n" + table(header, body, digits=3)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, deployment in zip(axes, ("shared", "own_device"), strict=True):
+        for i, name in enumerate(sorted({r["strategy"] for r in rows})):
+            pts = sorted(
+                (r["prefill_share"], r["speedup"], r["ci95"], r["predicted"])
+                for r in rows
+                if r["deployment"] == deployment and r["strategy"] == name
+            )
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            err = [[y - p[2][0] for y, p in zip(ys, pts, strict=True)],
+                   [p[2][1] - y for y, p in zip(ys, pts, strict=True)]]  # fmt: skip
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=name)
+            preds = [(x, p[3]) for x, p in zip(xs, pts, strict=True) if p[3] is not None]
+            if preds:
+                ax.plot(*zip(*preds, strict=True), "x", color=f"C{i}", markersize=8)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{deployment} (x: predicted)")
+        ax.set_xlabel("target prefill share of a baseline answer")
+    axes[0].set_ylabel("speedup over the fair baseline")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mini"], help="conf/models/ options")
+    parser.add_argument("--repeats", type=int, default=1, help="evaluate.py runs per world")
+    parser.add_argument("--count", type=int, default=20, help="test scenes per run")
+    parser.add_argument("--start", type=int, default=0, help="first test scene")
+    parser.add_argument("--cores", type=int, default=2, help="core budget")
+    parser.add_argument("--epochs", type=int, default=10, help="adapter training epochs")
+    parser.add_argument("--out", default="outputs/bench_regimes", help="output folder")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.count < 1:
+        parser.error("--repeats and --count must be >= 1")
+    out = Path(args.out)
+    reports = []
+    for models in args.models:
+        ckpt = export_for(models, args.epochs)
+        for k in range(args.repeats):
+            reports += evaluate(models, ckpt, (out / models / f"run{k}").resolve(), args)
+    rows = summarise(reports)
+    command = "python benchmarks/bench_regimes.py " + " ".join(argv or sys.argv[1:])
+    (out / "regimes.md").write_text(render(rows, command) + "\n")
+    write_json(out / "regimes.json", {"command": command, "rows": rows})
+    (out / "validation.md").write_text(render_validation(validation_rows(reports)) + "\n")
+    plot(rows, out / "regimes.png")
+    print((out / "regimes.md").read_text())
+    print((out / "validation.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

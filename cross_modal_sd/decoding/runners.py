@@ -1,0 +1,449 @@
+"""Where a drafter runs: beside the target in this process, or in a process of its own.
+
+The SD loop talks to a `DraftRunner`, never to a drafter directly, so the same loop drives
+
+* `LocalRunner`: the drafter in a thread of this process (on CUDA on a stream of its own). On a
+  CPU its tiny ops and the target's serialise on the interpreter lock, which is why a second
+  runner exists;
+* `ProcessRunner`: the drafter in a spawned process pinned to its own cores, with its own intra-op
+  threads: the shape of a second device (the event camera's accelerator, another GPU). Commands
+  and token lists cross a pipe; tensors cross through shared memory (torch.multiprocessing), so
+  the drafter's weights are not copied. The process ends with the runner (`close`, the `with`
+  block, an exception, Ctrl-C) or with its parent (Linux parent-death signal).
+
+A round-1 job reads the runner's `ready` flag (set by the loop when the target's prefill ends),
+which is how a ``gamma="prefill"`` policy knows when to stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from cross_modal_sd.decoding.drafters import (
+    Drafter,
+    DraftPolicy,
+    DraftState,
+    Proposal,
+    propose,
+    sync,
+)
+from cross_modal_sd.decoding.inputs import DraftInputs
+from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, time_call, timed_span
+
+# The span of work that never ran: it overlaps nothing and lasts 0 ms.
+NOT_RUN = Span(0.0, 0.0)
+_START_TIMEOUT_S = 120.0  # spawning imports torch and transformers: seconds, not minutes
+
+
+class DraftRunnerError(RuntimeError):
+    """The drafter failed (the message carries its traceback) or its process died."""
+
+
+@dataclass
+class Round:
+    """One drafting round as a runner hands it back.
+
+    Attributes:
+        proposal: the drafts and their confidences.
+        prefill: the draft prefill (round 1), `NOT_RUN` otherwise.
+        drafting: the rest: syncing to the committed answer and proposing.
+        threads: intra-op threads the drafter used.
+    """
+
+    proposal: Proposal
+    prefill: Span
+    drafting: Span
+    threads: int
+
+
+def pin_process(cores: Sequence[int]) -> None:
+    """Pins every thread of this process (and the threads it starts later) to `cores`.
+
+    `os.sched_setaffinity(0, ...)` only moves the calling thread on Linux; the intra-op threads
+    torch already started keep their mask unless each is moved.
+    """
+    cores = set(cores)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, PermissionError):  # a thread that just ended
+            pass
+
+
+class DraftRunner(ABC):
+    """Runs one drafter's rounds; see the module docstring."""
+
+    threads: int
+
+    @abstractmethod
+    def start_round1(self, inputs: Any, policy: DraftPolicy, limit: int, eos: int | None) -> None:
+        """Starts the draft prefill and round-1 drafting without waiting for them."""
+
+    @abstractmethod
+    def finish_round1(self) -> Round:
+        """Waits for the round started by `start_round1`."""
+
+    @abstractmethod
+    def next_round(
+        self, answer: Sequence[int], policy: DraftPolicy, limit: int, eos: int | None
+    ) -> Round:
+        """Syncs the drafter to the committed `answer` and drafts one round (blocking)."""
+
+    @abstractmethod
+    def set_ready(self, ready: bool) -> None:
+        """Sets (or clears) the flag a round-1 job reads as "the target has prefilled"."""
+
+    @abstractmethod
+    def probe(self, inputs: Any, answer: Sequence[int], repeats: int) -> dict[str, list[float]]:
+        """Times the drafter's costs where it runs: ``draft_prefill``, ``draft_feed`` (one token
+        fed back, or a resync), ``adapter`` (one proposal); ms per call."""
+
+    @abstractmethod
+    def start_busy(self, inputs: Any, ms: float) -> None:
+        """Starts feeding tokens back to back for about `ms` (a stand-in for drafting)."""
+
+    @abstractmethod
+    def finish_busy(self) -> list[float]:
+        """Ms of each feed of the busy job started by `start_busy`."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """One command there and back (what every round pays in messaging)."""
+
+    def close(self) -> None:  # noqa: B027 (nothing to release in-process)
+        """Releases what the runner holds."""
+
+    def __enter__(self) -> DraftRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------ the jobs
+
+
+class _Jobs:
+    """The drafter's side of every command, shared by both runners."""
+
+    def __init__(self, drafter: Drafter, device: torch.device | None):
+        self.drafter = drafter
+        self.device = device
+        self.state: DraftState | None = None
+
+    def round1(self, inputs, policy, limit, eos, ready) -> tuple[Proposal, Span, Span]:
+        spans: list[Span] = []
+        with timed_span(self.device, spans):
+            state = self.drafter.prefill(inputs)
+        with timed_span(self.device, spans):
+            state, proposal = propose(
+                self.drafter,
+                state,
+                policy,
+                limit,
+                first_round=True,
+                target_ready=ready,
+                eos_token_id=eos,
+            )
+        self.state = state
+        return proposal, spans[0], spans[1]
+
+    def next_round(self, answer, policy, limit, eos) -> tuple[Proposal, Span]:
+        if self.state is None:
+            raise DraftRunnerError("next_round before round 1: the drafter has no state")
+        spans: list[Span] = []
+        with timed_span(self.device, spans):
+            self.state = sync(self.drafter, self.state, answer)
+            self.state, proposal = propose(
+                self.drafter, self.state, policy, limit, first_round=False, eos_token_id=eos
+            )
+        return proposal, spans[0]
+
+    def probe(self, inputs, answer, repeats) -> dict[str, list[float]]:
+        drafter, device = self.drafter, self.device
+        out: dict[str, list[float]] = {"draft_prefill": [], "draft_feed": [], "adapter": []}
+        for i in range(repeats + 1):  # the first round warms up
+            state, prefill = time_call(partial(drafter.prefill, inputs), warmup=0, device=device)
+            state = drafter.feed(state, list(answer[:-1]))
+            feeds, proposals = [], []
+            # The resync after a rejection (forget the last fed token, read one), then
+            # proposals and feeds alternating as `propose` runs them.
+            state = drafter.rewind(state, len(state.fed) - 1)
+            for t in list(answer[-1:]) + list(answer[:3]):
+                state, ms = time_call(partial(drafter.feed, state, [t]), warmup=0, device=device)
+                feeds.append(ms)
+                proposals.append(
+                    time_call(partial(drafter.next_token, state), warmup=0, device=device)[1]
+                )
+            if i > 0:
+                out["draft_prefill"].append(prefill)
+                out["draft_feed"] += feeds
+                out["adapter"] += proposals
+        return out
+
+    def busy(self, inputs, ms: float) -> list[float]:
+        state = self.drafter.prefill(inputs)
+        n = len(state.fed)
+        times: list[float] = []
+        end = clock_ms() + ms
+        while clock_ms() < end:
+            state, t = time_call(
+                partial(self.drafter.feed, state, [0]), warmup=0, device=self.device
+            )
+            times.append(t)
+            state = self.drafter.rewind(state, n)
+        return times
+
+
+def _stream(device: torch.device | None):
+    return torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
+class LocalRunner(DraftRunner):
+    """The drafter in a thread of this process (its own CUDA stream on a GPU).
+
+    On a CPU torch's intra-op thread count is process-wide: the drafter uses whatever the loop
+    set for round 1 (`speculative.ThreadPlan`).
+    """
+
+    def __init__(self, drafter: Drafter, device: torch.device | str | None = None):
+        self.jobs = _Jobs(drafter, None if device is None else torch.device(device))
+        self.ready = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
+        self.pending: Future | None = None
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @property
+    def drafter(self) -> Drafter:
+        return self.jobs.drafter
+
+    def _on_own_stream(self, fn, *args):
+        stream = _stream(self.jobs.device)
+        with _on_stream(stream):
+            out = fn(*args)
+            synchronize(self.jobs.device, stream)
+        return out
+
+    def start_round1(self, inputs, policy, limit, eos) -> None:
+        self.pending = self.pool.submit(
+            self._on_own_stream, self.jobs.round1, inputs, policy, limit, eos, self.ready.is_set
+        )
+
+    def finish_round1(self) -> Round:
+        proposal, prefill, drafting = self.pending.result()  # re-raises the drafter's error
+        self.pending = None
+        return Round(proposal, prefill, drafting, self.threads)
+
+    def next_round(self, answer, policy, limit, eos) -> Round:
+        proposal, drafting = self.jobs.next_round(answer, policy, limit, eos)
+        return Round(proposal, NOT_RUN, drafting, self.threads)
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready.set() if ready else self.ready.clear()
+
+    def probe(self, inputs, answer, repeats) -> dict[str, list[float]]:
+        return self.jobs.probe(inputs, answer, repeats)
+
+    def start_busy(self, inputs, ms: float) -> None:
+        self.pending = self.pool.submit(self._on_own_stream, self.jobs.busy, inputs, ms)
+
+    def finish_busy(self) -> list[float]:
+        times, self.pending = self.pending.result(), None
+        return times
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies (no orphan after a SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: close() and the pipe's EOF remain
+        pass
+
+
+def _pack(inputs: Any) -> Any:
+    """Draft inputs as plain arrays for the pipe: pickled by value, no shared-memory segment
+    per sample (what torch's reductions would allocate for every tensor sent)."""
+    if isinstance(inputs, DraftInputs):
+        return ("draft_inputs", inputs.input_ids.numpy(), inputs.event_pixels.numpy())
+    return inputs
+
+
+def _unpack(packed: Any) -> Any:
+    if isinstance(packed, tuple) and packed and packed[0] == "draft_inputs":
+        return DraftInputs(torch.from_numpy(packed[1]), torch.from_numpy(packed[2]))
+    return packed
+
+
+def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready) -> None:
+    """The drafter process: pinned, its own threads, one command at a time until "close"."""
+    _die_with_parent()
+    # Ctrl-C reaches the whole process group; the parent decides, and closes this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cores:
+        pin_process(cores)
+    torch.set_num_threads(threads)
+    jobs = _Jobs(drafter, None)
+    conn.send(("started", os.getpid()))
+    commands = {
+        "round1": lambda inputs, *a: jobs.round1(_unpack(inputs), *a, ready.is_set),
+        "next": jobs.next_round,
+        "probe": lambda inputs, *a: jobs.probe(_unpack(inputs), *a),
+        "busy": lambda inputs, ms: jobs.busy(_unpack(inputs), ms),
+        "ping": lambda: None,
+    }
+    with torch.inference_mode():
+        while True:
+            try:
+                cmd, args = conn.recv()
+            except EOFError:  # the parent went away
+                return
+            if cmd == "close":
+                return
+            try:
+                conn.send(("ok", commands[cmd](*args)))
+            except Exception:  # the parent re-raises it with this traceback
+                conn.send(("error", traceback.format_exc()))
+
+
+class ProcessRunner(DraftRunner):
+    """The drafter in a spawned process pinned to `cores`, with `threads` intra-op threads.
+
+    Args:
+        drafter: moved to the process; its tensors go through shared memory.
+        cores: CPU cores the process may run on (empty: no pinning).
+        threads: its intra-op threads (default: one per core).
+
+    Raises:
+        DraftRunnerError: the process did not start (its error in the message).
+    """
+
+    def __init__(self, drafter: Drafter, cores: Sequence[int] = (), threads: int | None = None):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.threads = threads or max(1, len(cores))
+        self.cores = tuple(cores)
+        self.ready = ctx.Event()
+        self.conn, child = ctx.Pipe()
+        process = ctx.Process(
+            target=_serve,
+            args=(child, drafter, self.cores, self.threads, self.ready),
+            daemon=True,
+            name="drafter",
+        )
+        self.process = None
+        try:
+            process.start()  # pickles the drafter: an unpicklable one fails here
+        finally:
+            child.close()
+        self.process = process
+        self.pid = None
+        try:
+            status, self.pid = self._recv(_START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.conn.poll(0.5):
+            if not self.process.is_alive():
+                raise DraftRunnerError(
+                    f"the drafter process exited with code {self.process.exitcode}"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise DraftRunnerError(f"the drafter process did not answer within {timeout} s")
+        try:
+            status, value = self.conn.recv()
+        except EOFError as err:
+            raise DraftRunnerError("the drafter process closed its pipe") from err
+        if status == "error":
+            raise DraftRunnerError(f"the drafter failed in its process:\n{value}")
+        return status, value
+
+    def _call(self, cmd: str, *args: Any) -> Any:
+        self._send(cmd, *args)
+        return self._recv()[1]
+
+    def _send(self, cmd: str, *args: Any) -> None:
+        if self.process is None or not self.process.is_alive():
+            raise DraftRunnerError("the drafter process is not running (closed or dead)")
+        self.conn.send((cmd, args))
+
+    def start_round1(self, inputs, policy, limit, eos) -> None:
+        self._send("round1", _pack(inputs), policy, limit, eos)
+
+    def finish_round1(self) -> Round:
+        proposal, prefill, drafting = self._recv()[1]
+        return Round(proposal, prefill, drafting, self.threads)
+
+    def next_round(self, answer, policy, limit, eos) -> Round:
+        proposal, drafting = self._call("next", list(answer), policy, limit, eos)
+        return Round(proposal, NOT_RUN, drafting, self.threads)
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready.set() if ready else self.ready.clear()
+
+    def probe(self, inputs, answer, repeats) -> dict[str, list[float]]:
+        return self._call("probe", _pack(inputs), list(answer), repeats)
+
+    def start_busy(self, inputs, ms: float) -> None:
+        self._send("busy", _pack(inputs), ms)
+
+    def finish_busy(self) -> list[float]:
+        return self._recv()[1]
+
+    def ping(self) -> None:
+        self._call("ping")
+
+    def close(self) -> None:
+        """Ends the process: asks it to, then terminates and kills what is left (idempotent)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            if process.is_alive():
+                self.conn.send(("close", ()))
+            process.join(timeout=5)
+        except (OSError, ValueError):  # a broken pipe: the process is going anyway
+            pass
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        self.conn.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "process", None) is not None:
+            self.close()

@@ -1,0 +1,114 @@
+"""Offline alignment metrics of an adapter over cache samples, as training validates them, and
+the per-sample acceptance sequences exports carry for the speedup model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+
+from cross_modal_sd.data.cache import HiddenPairCache
+from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
+from cross_modal_sd.metrics.functional import cosine, draft_top1, leading_run
+from cross_modal_sd.metrics.modules import DEFAULT_TAUS, AlignmentMetrics
+
+
+def previous_tokens(tokens: Tensor, prompt_last_token: int) -> Tensor:
+    """(B, T) token before each answer position: ``y[k-1]``, the prompt's last token at 0."""
+    start = tokens.new_full((tokens.shape[0], 1), prompt_last_token)
+    return torch.cat([start, tokens[:, :-1]], dim=1)
+
+
+@torch.inference_mode()
+def offline_metrics(
+    adapter: torch.nn.Module,
+    cache: HiddenPairCache,
+    indices: Sequence[int] | None,
+    lm_head: torch.Tensor,
+    vocab_limit: int | None = None,
+    batch_size: int = 64,
+    max_len: int | None = None,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    prompt_last_token: int | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Alignment metrics of `adapter` on cache samples, as training's validation computes them.
+
+    The adapter reads the collated, padded batch with its mask; the metrics are one
+    `AlignmentMetrics` accumulated over the whole selection.
+
+    Args:
+        adapter: the adapter.
+        cache: the hidden-pair cache.
+        indices: cache indices to use (None: all).
+        lm_head: (V, Dt) target ``lm_head`` weight (the cache's).
+        vocab_limit: ids at or above it are never drafted.
+        batch_size: samples per batch.
+        max_len: positions of the curves (None: the cache's max_new_tokens).
+        taus: cosine thresholds.
+        prompt_last_token: token before answer position 0, for token-fusing adapters.
+
+    Returns:
+        ``{"metrics": scalars, "curves": lists}`` and per-sample rows (``sample_id``, ``length``,
+        ``accepted_len``, ``token_match``, ``cos_sim``, and per position ``match`` and
+        ``confidence``: the teacher-forced acceptance sequences of the speedup model).
+    """
+    if adapter.uses_tokens and prompt_last_token is None:
+        raise ValueError(
+            f"adapter {adapter.name} fuses token embeddings and needs the prompt's last token id: "
+            f"the cache manifest's extra['prompt_last_token'] is missing"
+        )
+    adapter = adapter.eval()
+    max_len = max_len or cache.manifest["max_new_tokens"]
+    metrics = AlignmentMetrics(lm_head, taus, max_len, vocab_limit)
+    for m in metrics.modules():  # this process's samples only, even inside a DDP job
+        if isinstance(m, Metric):
+            m.sync_on_compute = m._to_sync = False  # torchmetrics reads the second at compute
+    dataset = HiddenPairDataset(cache, indices)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs)
+    dtype = next(adapter.parameters()).dtype
+    rows = []
+    for batch in loader:
+        h, mask, tokens = batch["h_draft"].to(dtype), batch["mask"], batch["tokens"]
+        kwargs = {}
+        if adapter.uses_tokens:
+            kwargs["tokens"] = previous_tokens(tokens, prompt_last_token)
+        pred = adapter(h, mask, **kwargs)  # (B, T, Dt)
+        metrics.update(pred, batch["h_target"], tokens, mask)
+        drafts, confidence = draft_top1(pred, lm_head, vocab_limit)  # (B, T) each
+        hits = drafts == tokens  # (B, T)
+        runs = leading_run(hits, mask)  # (B,)
+        cos = cosine(pred, batch["h_target"], mask)  # (B, T)
+        lengths = mask.sum(dim=1)  # (B,)
+        for b, sample_id in enumerate(batch["sample_id"]):
+            n = int(lengths[b])
+            rows.append(
+                {
+                    "sample_id": sample_id,
+                    "length": n,
+                    "accepted_len": int(runs[b]),
+                    "token_match": float((hits[b] & mask[b]).sum()) / n,
+                    "cos_sim": float(cos[b, :n].mean()),
+                    "match": hits[b, :n].tolist(),
+                    "confidence": confidence[b, :n].tolist(),
+                }
+            )
+    scalars = {k: float(v) for k, v in metrics.compute().items()}
+    curves = {k: v.tolist() for k, v in metrics.compute_curves().items()}
+    return {"metrics": scalars, "curves": curves}, rows
+
+
+def acceptance_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    """The rows' ``match``/``confidence`` sequences as padded ``(S, L)`` tensors and ``(S,)``
+    lengths (what an export stores; `speedup.Acceptance.from_arrays` reads them)."""
+    lengths = torch.tensor([len(r["match"]) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    match = torch.zeros(len(rows), width, dtype=torch.bool)
+    confidence = torch.zeros(len(rows), width, dtype=torch.float16)
+    for i, r in enumerate(rows):
+        match[i, : len(r["match"])] = torch.tensor(r["match"], dtype=torch.bool)
+        confidence[i, : len(r["confidence"])] = torch.tensor(r["confidence"])
+    return {"match": match, "confidence": confidence, "lengths": lengths}

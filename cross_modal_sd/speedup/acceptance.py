@@ -1,0 +1,187 @@
+"""How many drafts the target accepts: per-sample teacher-forced match and confidence sequences.
+
+Under teacher-forced pairing (docs/design.md §6) the drafter's state at answer position ``i``
+(having read the target's answer up to ``i``) is exactly the state SD gives it whenever the
+committed answer reaches ``i``: in round 1 while every earlier draft was accepted, and in any
+later round after the drafter is synced to the committed answer. So one sample's acceptance is
+two sequences over its answer positions: ``match[i]`` (the drafter's token equals the target's)
+and ``confidence[i]`` (the drafter's top-1 probability there, which a confidence policy reads).
+The speedup model replays the SD loop over them (`cross_modal_sd.speedup.model`).
+
+The best source is an export's own validation split (`from_export`: every val sample's
+sequences, recorded at export), which the evaluated test samples were never part of. Curves
+alone (older exports, other systems' figures) give synthetic sequences (`from_runs`): runs of
+accepted drafts drawn from the first-round distribution, each ending at a miss, which assumes a
+later round's ``i``-th draft behaves like round 1's ``i``-th. Where drafts after a miss follow
+the drafter's own wrong context, their confidences are taken as teacher-forced ones.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """Per-sample teacher-forced acceptance (see the module docstring).
+
+    Attributes:
+        match: per sample, whether the drafter's token at each answer position equals the
+            target's (the sample's answer length is the sequence's length).
+        confidence: per sample, the drafter's top-1 probability at each position.
+        source: where the sequences come from.
+    """
+
+    match: tuple[tuple[bool, ...], ...]
+    confidence: tuple[tuple[float, ...], ...]
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.match:
+            raise ValueError("Acceptance: no samples")
+        if len(self.match) != len(self.confidence):
+            raise ValueError(
+                f"Acceptance: {len(self.match)} match sequences, {len(self.confidence)} "
+                f"confidence sequences"
+            )
+        for i, (m, c) in enumerate(zip(self.match, self.confidence, strict=True)):
+            if not m or len(m) != len(c):
+                raise ValueError(
+                    f"Acceptance: sample {i} has {len(m)} matches, {len(c)} confidences"
+                )
+
+    @property
+    def lengths(self) -> list[int]:
+        """Answer length of each sample."""
+        return [len(m) for m in self.match]
+
+    @property
+    def first_run_mean(self) -> float:
+        """Mean leading run of matches (what round 1 accepts with unlimited drafting)."""
+        return sum(_run(m, 0) for m in self.match) / len(self.match)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        match: torch.Tensor,
+        confidence: torch.Tensor,
+        lengths: torch.Tensor,
+        source: str = "",
+    ) -> Acceptance:
+        """From padded ``(S, L)`` match and confidence tensors and ``(S,)`` lengths."""
+        rows = [
+            (tuple(bool(v) for v in m[:n]), tuple(float(v) for v in c[:n]))
+            for m, c, n in zip(match.tolist(), confidence.tolist(), lengths.tolist(), strict=True)
+        ]
+        return cls(tuple(r[0] for r in rows), tuple(r[1] for r in rows), source)
+
+    @classmethod
+    def from_export(
+        cls, export: Any, lengths: Sequence[int] | None = None, seed: int = 0
+    ) -> Acceptance:
+        """From an export: its validation split's sequences, or (exports without them) its
+        accepted-length histogram as synthetic runs over `lengths`.
+
+        Raises:
+            ValueError: the export holds neither, or curves without `lengths`.
+        """
+        val = getattr(export, "val_acceptance", None)
+        where = str(getattr(export, "path", "export"))
+        if val:
+            return cls.from_arrays(
+                val["match"], val["confidence"], val["lengths"], f"val split of {where}"
+            )
+        curves = getattr(export, "curves", None) or {}
+        hist = curves.get("val/accepted_length_hist", curves.get("accepted_length_hist"))
+        if hist is None:
+            raise ValueError(
+                f"{where}: no validation acceptance (val_acceptance) and no accepted-length "
+                f"curve; re-export it with `python train.py`"
+            )
+        if not lengths:
+            raise ValueError(f"{where}: holds curves only; answer lengths are needed to use them")
+        return cls.from_runs(hist, lengths, seed, source=f"curves of {where} (synthetic runs)")
+
+    @classmethod
+    def from_runs(
+        cls,
+        hist: Sequence[float],
+        lengths: Sequence[int],
+        seed: int = 0,
+        repeats: int = 20,
+        source: str = "",
+    ) -> Acceptance:
+        """Synthetic sequences: runs of matches drawn from ``hist`` (P(run = r), the last bin
+        ``r >= len - 1``), each followed by a miss; confidence 1 on matches and 0 on misses (a
+        confidence policy then stops exactly at the first miss: the oracle). Each length is
+        drawn `repeats` times (seeded)."""
+        total = float(sum(hist))
+        if not hist or total <= 0 or any(h < 0 for h in hist):
+            raise ValueError(f"run histogram needs non-negative counts, positive sum: {list(hist)}")
+        weights = [h / total for h in hist]
+        rng = random.Random(seed)
+        match, conf = [], []
+        for n in lengths:
+            for _ in range(repeats):
+                seq: list[bool] = []
+                while len(seq) < n:
+                    r = rng.choices(range(len(weights)), weights)[0]
+                    if r == len(weights) - 1:  # the open last bin: the rest of the answer
+                        r = n
+                    seq += [True] * r + [False]
+                seq = seq[:n]
+                match.append(tuple(seq))
+                conf.append(tuple(1.0 if m else 0.0 for m in seq))
+        return cls(tuple(match), tuple(conf), source or "synthetic runs")
+
+    @classmethod
+    def geometric(
+        cls, q: float, lengths: Sequence[int], repeats: int = 20, source: str = ""
+    ) -> Acceptance:
+        """Every draft accepted with probability ``q`` independently (runs geometric)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must lie in [0, 1], got {q}")
+        longest = max(lengths)
+        hist = [q**r * (1 - q) for r in range(longest)] + [q**longest]
+        return cls.from_runs(hist, lengths, repeats=repeats, source=source or f"geometric q={q:g}")
+
+    @classmethod
+    def from_mean(
+        cls, accepted: float, lengths: Sequence[int], repeats: int = 20, source: str = ""
+    ) -> Acceptance:
+        """Runs of ``accepted`` matches on average: a two-point histogram at its floor and
+        ceiling."""
+        if accepted < 0:
+            raise ValueError(f"accepted must be >= 0, got {accepted}")
+        low = int(accepted)
+        hist = [0.0] * (low + 3)
+        hist[low] = low + 1 - accepted
+        hist[low + 1] = accepted - low
+        return cls.from_runs(
+            hist, lengths, repeats=repeats, source=source or f"mean run {accepted:g}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary for reports (the sequences themselves stay in the export)."""
+        return {
+            "source": self.source,
+            "n_samples": len(self.match),
+            "mean_length": sum(self.lengths) / len(self.match),
+            "first_run_mean": self.first_run_mean,
+        }
+
+
+def _run(match: Sequence[bool], start: int, limit: int | None = None) -> int:
+    """Leading matches from ``start`` (at most ``limit``)."""
+    n = 0
+    end = len(match) if limit is None else min(len(match), start + limit)
+    for i in range(start, end):
+        if not match[i]:
+            break
+        n += 1
+    return n

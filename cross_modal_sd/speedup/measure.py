@@ -1,0 +1,334 @@
+"""The one cost-measurement harness: a `CostProfile` from probes that are not SD runs.
+
+Evaluation (`python evaluate.py`), this module's command line and `scripts/gpu_check.py` all call
+`measure_profile`. Every cost is timed through the calls the SD loop makes (`TargetDecoder.prefill`,
+`speculative.verify`, the drafter's `prefill`/`next_token`/`feed`/`rewind` on its runner) with
+synchronised timers (`decoding.timing`), probes in a fresh shuffled order each round (no probe
+always follows the same one), and the mean of the timed rounds reported (the occasional stall of a
+busy machine is part of what runs pay):
+
+* ``P_t`` at the target's decode threads, and at the threads round 1 leaves it (shared budget);
+* ``T_t`` and ``V(k)``: one forward over 1 and ``k + 1`` tokens after ``context`` answer tokens;
+* ``P_d``, ``T_d``, ``A``: on the drafter's runner (its process, its cores);
+* contention: the target's prefill, back to back, while the drafter feeds tokens back to back
+  beside it, against each alone;
+* the round trip of one command to the drafter;
+* each baseline loop at ``baseline_lengths`` tokens (no EOS stop), a line through
+  (tokens - 1, ms).
+
+Costs do not depend on weight values, so the command line measures randomly initialised models of
+a mini world's sizes (no build, no download)::
+
+    python -m cross_modal_sd.speedup.measure out=profile.json
+    python -m cross_modal_sd.speedup.measure models=mini_p15 deployment=own_device out=p15.json
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cross_modal_sd.decoding import (
+    AdapterDrafter,
+    DraftInputs,
+    DraftRunner,
+    GreedySpec,
+    TargetInputs,
+    TargetState,
+    ThreadPlan,
+    thread_budget,
+    time_call,
+    verify,
+)
+from cross_modal_sd.decoding.baselines import GenerationRecord
+from cross_modal_sd.models.wrappers import TargetDecoder, crop_cache
+from cross_modal_sd.speedup.costs import CostProfile, fit_line, save_profile
+
+VERIFY_DRAFTS = (1, 2, 4, 8, 16)
+BASELINE_LENGTHS = (4, 8, 16)
+
+
+class ProbeError(RuntimeError):
+    """A cost probe that could not measure what it needs; the message names the setting."""
+
+
+@dataclass
+class ProfileModels:
+    """What `measure_profile` times.
+
+    Attributes:
+        target: the target behind the decoding API.
+        runner: the drafter where it runs (its process, or a thread here).
+        target_inputs / draft_inputs: one sample's inputs (batch size 1).
+        baselines: the baseline loops by name (HF ``generate``, the lean greedy ``loop``), each
+            run for a `GreedySpec` at its own threads.
+        meta: what the models are (recorded in the profile).
+    """
+
+    target: TargetDecoder
+    runner: DraftRunner
+    target_inputs: TargetInputs
+    draft_inputs: DraftInputs
+    baselines: dict[str, Callable[[GreedySpec], GenerationRecord]] = field(default_factory=dict)
+    meta: dict[str, Any] | None = None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.mean(values)
+
+
+def measure_profile(
+    models: ProfileModels,
+    plan: ThreadPlan | None = None,
+    repeats: int = 10,
+    context: int = 16,
+    verify_drafts: Sequence[int] = VERIFY_DRAFTS,
+    baseline_lengths: Sequence[int] = BASELINE_LENGTHS,
+    baseline: str | None = None,
+    name: str = "",
+    source: str = "",
+) -> CostProfile:
+    """Times every component cost of the speedup model (see the module docstring).
+
+    Args:
+        models: target, drafter runner, inputs and the baseline loop.
+        plan: the target's threads: ``round1`` beside the drafter, ``decode`` otherwise (None:
+            the current setting for both).
+        repeats: timed rounds (after one warm-up round).
+        context: answer tokens already in the caches when steps and verifies are timed.
+        verify_drafts: the ``k`` of the ``V(k)`` points.
+        baseline_lengths: answer lengths the baselines are timed at (at least two).
+        baseline: the loop whose line becomes the profile's baseline cost (None: none); every
+            loop's ``[prefill, per token]`` line is kept in ``meta["baselines"]``.
+        name / source: labels.
+
+    Raises:
+        ProbeError: bad probe settings (each named), or a probe that failed.
+    """
+    plan = plan or ThreadPlan()
+    if repeats < 1:
+        raise ProbeError(f"cost probe: repeats must be >= 1, got {repeats}")
+    if context < 1:
+        raise ProbeError(f"cost probe: context must be >= 1, got {context}")
+    if not verify_drafts or min(verify_drafts) < 1:
+        raise ProbeError(f"cost probe: verify_drafts must be ks >= 1, got {list(verify_drafts)}")
+    if models.baselines and len(set(baseline_lengths)) < 2:
+        raise ProbeError(
+            f"cost probe: baseline_lengths needs two or more lengths, got {list(baseline_lengths)}"
+        )
+    target, runner = models.target, models.runner
+    t_in, d_in = models.target_inputs, models.draft_inputs
+    device = t_in.device
+    cpu = device.type == "cpu"
+    limit = target.vocab_limit or target.lm_head_weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    answer = torch.randint(3, limit, (context + 1,), generator=gen).tolist()
+
+    def threads(n: int | None):
+        return thread_budget(n if cpu else None)
+
+    def prefill():
+        return target.prefill(t_in.input_ids, t_in.pixel_values_videos)
+
+    with torch.inference_mode(), threads(plan.decode):
+        out = prefill()
+        prompt_len = out.cache.get_seq_length()
+        target.forward_tokens(torch.tensor([answer[:-1]], device=device), out.cache)
+    state = TargetState(out.cache, prompt_len, answer)
+    base_len = out.cache.get_seq_length()  # prompt + answer[:-1]
+
+    def step(drafts):
+        def run():
+            crop_cache(state.cache, base_len)
+            return verify(target, state, drafts)
+
+        return run
+
+    def clock(fn, n=None) -> float:
+        with threads(n if n is not None else plan.decode):
+            return time_call(fn, warmup=0, device=device)[1]
+
+    def contention() -> dict[str, list[float]]:
+        # The drafter feeds tokens back to back (a stand-in for round-1 drafting) while the
+        # target prefills back to back beside it, at round 1's threads.
+        alone = clock(prefill, plan.round1)
+        span = 4 * alone + 20.0
+        runner.start_busy(d_in, span)
+        time.sleep(min(0.05, span / 4000))  # let the drafter's prefill pass
+        beside, end = [], time.perf_counter() + span / 2000
+        while time.perf_counter() < end or not beside:
+            beside.append(clock(prefill, plan.round1))
+        feeds = runner.finish_busy()
+        return {"prefill_beside": beside, "feed_beside": feeds[1:-1] or feeds}
+
+    probes: dict[str, Callable[[], dict[str, list[float]]]] = {
+        "target_prefill": lambda: {"target_prefill": [clock(prefill)]},
+        "target_prefill_shared": lambda: {"target_prefill_shared": [clock(prefill, plan.round1)]},
+        "target_step": lambda: {"target_step": [clock(step([])) for _ in range(4)]},
+        **{
+            f"verify_{k}": (
+                lambda k=k: {
+                    f"verify_{k}": [
+                        clock(step(torch.randint(3, limit, (k,), generator=gen).tolist()))
+                    ]
+                }
+            )
+            for k in verify_drafts
+        },
+        "drafter": lambda: runner.probe(d_in, answer, 1),
+        "round_trip": lambda: {"round_trip": [time_call(runner.ping, warmup=0)[1]]},
+        "contention": contention,
+    }
+    for loop, run in models.baselines.items():
+        for n in baseline_lengths:
+            spec = GreedySpec(n, limit, None)  # no EOS: exactly n tokens
+            probes[f"{loop}_{n}"] = lambda spec=spec, n=n, loop=loop, run=run: {
+                f"{loop}_{n}": [run(spec).total_ms]
+            }
+    times: dict[str, list[float]] = {}
+    order = random.Random(0)
+    try:
+        for i in range(repeats + 1):  # round 0 warms up
+            keys = list(probes)
+            order.shuffle(keys)
+            for key in keys:
+                for cost, ms in probes[key]().items():
+                    if i:
+                        times.setdefault(cost, []).extend(ms)
+    except ProbeError:
+        raise
+    except Exception as err:
+        raise ProbeError(f"cost probe failed: {type(err).__name__}: {err}") from err
+
+    mean = {k: _mean(v) for k, v in times.items()}
+    lines = {
+        loop: list(fit_line([(n - 1, mean[f"{loop}_{n}"]) for n in baseline_lengths]))
+        for loop in models.baselines
+    }
+    base_prefill, base_token = lines[baseline] if baseline else (None, None)
+    shared = mean["target_prefill_shared"]
+    return CostProfile(
+        target_prefill_ms=mean["target_prefill"],
+        target_token_ms=mean["target_step"],
+        verify_points=tuple((k, mean[f"verify_{k}"]) for k in verify_drafts),
+        draft_prefill_ms=mean["draft_prefill"],
+        draft_token_ms=mean["draft_feed"],
+        adapter_ms=mean["adapter"],
+        target_contention=mean["prefill_beside"] / shared,
+        draft_contention=mean["feed_beside"] / mean["draft_feed"],
+        round_trip_ms=mean["round_trip"],
+        target_prefill_shared_ms=shared if plan.round1 != plan.decode else None,
+        baseline_prefill_ms=base_prefill,
+        baseline_token_ms=base_token,
+        name=name,
+        source=source or f"probes on {device}",
+        meta={
+            **(models.meta or {}),
+            "device": str(device),
+            "threads": asdict(plan),
+            "drafter_threads": runner.threads,
+            "torch": str(torch.__version__),
+            "repeats": repeats,
+            "context_tokens": context,
+            "baselines": lines,
+        },
+    )
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def random_models(world_cfg: dict, adapter_cfg: dict, device: str, question: str, seed: int = 0):
+    """Randomly initialised models of a mini world's sizes with one question's inputs:
+    ``(target, AdapterDrafter, TargetInputs, DraftInputs, meta)``."""
+    from cross_modal_sd.adapters import build_adapter
+    from cross_modal_sd.models.architectures import build_draft, build_target
+    from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
+    from cross_modal_sd.models.wrappers import DraftDecoder
+    from cross_modal_sd.world.config import MiniWorldConfig
+    from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
+
+    torch.manual_seed(seed)
+    world = MiniWorldConfig.from_dict(world_cfg)
+    tok = build_tokenizer()
+    size, frames, events = world.image_size, world.n_frames, world.event_frames
+    dev = torch.device(device)
+    target_model = build_target(tok, world.target_tower, world.target_decoder, size, frames)
+    draft_model = build_draft(
+        tok, world.draft_tower, world.draft_decoder, world.draft_image_size, events
+    )
+    limit = text_vocab_limit(tok)
+    target = TargetDecoder(target_model.to(dev).eval(), limit)
+    draft = DraftDecoder(draft_model.to(dev).eval(), limit)
+    adapter = build_adapter(adapter_cfg, world.draft_decoder.hidden, world.target_decoder.hidden)
+    n_video = frames * world.target_tower.tokens(size)
+    t_in = TargetInputs(
+        torch.tensor([encode_target_prompt(tok, question, n_video)], device=dev),
+        torch.randn(1, frames, 3, size, size, device=dev),
+    )
+    side = world.draft_image_size
+    d_in = DraftInputs(
+        torch.tensor([encode_draft_prompt(tok, question)], device=dev),
+        torch.randn(1, events, 3, side, side, device=dev),
+    )
+    meta = {
+        "models": f"mini world sizes ({world.regime}), random weights",
+        "target_decoder": asdict(world.target_decoder),
+        "draft_decoder": asdict(world.draft_decoder),
+        "video_tokens": n_video,
+        "adapter": adapter_cfg.get("name"),
+    }
+    drafter = AdapterDrafter(draft, adapter.to(dev).eval(), target.head)
+    return target, drafter, t_in, d_in, meta
+
+
+@hydra.main(config_path="../../conf", config_name="measure", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from cross_modal_sd.decoding import wrapper_greedy
+    from cross_modal_sd.decoding.budget import Budget
+
+    budget = Budget(int(cfg.cores), cfg.deployment, int(cfg.draft_cores), cfg.device)
+    target, drafter, t_in, d_in, meta = random_models(
+        OmegaConf.to_container(cfg.models.world, resolve=True),
+        OmegaConf.to_container(cfg.adapter, resolve=True),
+        cfg.device,
+        cfg.question,
+    )
+    decode = int(cfg.threads or len(budget.target_cores))
+    with budget.pinned(), budget.runner(drafter) as runner:
+        models = ProfileModels(
+            target,
+            runner,
+            t_in,
+            d_in,
+            baselines={"loop": lambda spec: wrapper_greedy(target, t_in, spec, warmup=0)},
+            meta={**meta, "budget": budget.to_dict()},
+        )
+        with thread_budget(decode):
+            profile = measure_profile(
+                models, budget.plan(decode), repeats=int(cfg.repeats), baseline="loop"
+            )
+    path = save_profile(profile, Path(cfg.out))
+    print(f"wrote {path}")
+    print(OmegaConf.to_yaml(OmegaConf.create(profile.to_dict())))
+
+
+def main() -> None:
+    """``python -m cross_modal_sd.speedup.measure [overrides]`` (see conf/measure.yaml)."""
+    from cross_modal_sd.config import register_resolvers
+
+    register_resolvers()
+    _main()
+
+
+if __name__ == "__main__":
+    main()
