@@ -317,7 +317,7 @@ def test_evaluate_writes_reports_plots_and_samples(world, tmp_path, monkeypatch)
     result = evaluate(cfg)
     # One report per deployment, never mixed.
     assert list(result["deployments"]) == ["shared", "own_device"]
-    for name, rep in result["deployments"].items():
+    for name, _rep in result["deployments"].items():
         assert json.loads((root / name / "report.json").read_text())["deployment"] == name
     out = root / "own_device"
     report = result["deployments"]["own_device"]

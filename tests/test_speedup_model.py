@@ -355,8 +355,8 @@ def test_synthetic_runs_follow_their_histogram():
     assert sum(r == 0 for r in runs) / len(runs) == pytest.approx(0.25, abs=0.05)
     assert all(
         c == (1.0 if m else 0.0)
-        for seq, cs in zip(acc.match, acc.confidence)
-        for m, c in zip(seq, cs)
+        for seq, cs in zip(acc.match, acc.confidence, strict=False)
+        for m, c in zip(seq, cs, strict=False)
     )
 
 

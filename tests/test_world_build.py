@@ -12,6 +12,7 @@ import torch
 from cross_modal_sd.models.generation import generate_draft, generate_target, greedy_kwargs
 from cross_modal_sd.pair import MiniSource, load_pair
 from cross_modal_sd.world import build
+from cross_modal_sd.world import train as world_train
 from cross_modal_sd.world.build import MiniWorldConfig, build_mini_world
 from cross_modal_sd.world.qa import EVENT_VISIBLE
 
@@ -27,7 +28,7 @@ def _no_training(*_args, **_kwargs):
 
 
 def test_valid_build_is_reused_without_training(small_world_cfg, monkeypatch):
-    monkeypatch.setattr(build, "_train_both", _no_training)
+    monkeypatch.setattr(build, "train_both", _no_training)
     world = build_mini_world(_world_cfg(small_world_cfg), root=small_world_cfg.root)
     assert (world.root / "BUILD.json").is_file()
 
@@ -38,7 +39,7 @@ def test_damaged_build_is_detected_by_name_and_rebuilt(small_world_cfg, tmp_path
     shutil.copytree(f"{small_world_cfg.root}/{cfg.digest()}", copy)
     (copy / "draft" / "model.safetensors").unlink()
     messages = []
-    monkeypatch.setattr(build, "_train_both", _no_training)
+    monkeypatch.setattr(build, "train_both", _no_training)
     with pytest.raises(RuntimeError, match="training started"):
         build_mini_world(cfg, root=tmp_path, log=messages.append)
     assert "draft/model.safetensors is missing" in messages[0] and "rebuilding" in messages[0]
@@ -126,9 +127,9 @@ def test_shared_prefix_batches_train_each_question_as_its_own_sequence(kind):
         expand = 2 + cfg.draft_tower.tokens(cfg.image_size) - 1
     arg = "pixel_values_videos" if kind == "target" else "event_pixels"
     pixels = torch.stack([getattr(v, kw) for v in views])
-    scenes = build._scene_turns(views, prompt, tok)
+    scenes = world_train._scene_turns(views, prompt, tok)
     assert all(len(s.turns) >= 6 and s.prefix for s in scenes)
-    ids, labels, mask, positions = build._batch(scenes, [0, 1], tok.pad_token_id, expand)
+    ids, labels, mask, positions = world_train._batch(scenes, [0, 1], tok.pad_token_id, expand)
     model.eval()
     with torch.no_grad():
         packed = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{arg: pixels})

@@ -202,7 +202,7 @@ def curves(
     for q in rates:
         acc = geometric(q, tokens)
         for name, speedup in project(profile, acc, tokens).items():
-            out[name].append((acc.first_round_mean, speedup))
+            out[name].append((acc.first_run_mean, speedup))
     return out
 
 
