@@ -87,13 +87,16 @@ def test_autoregressive_run_by_hand_and_contention():
     match = [True] * 5 + [False] * 5
     config = _config("autoregressive", DraftPolicy(gamma=8), cap=11)  # 10 tokens: EOS at 9
     out = simulate(p, config, match, [1.0] * 10)
-    job = 2.0 + 8 * 0.1 + 7 * 0.5  # 6.3 ms alone, all of it beside the prefill
-    # The target's 10 ms prefill is slowed for the 6.3 ms of overlap, the job too (+ round trip).
-    round1 = max(10 + 0.5 * job, job + 1.0 * job + 0.4)
-    assert out["round1_ms"] == pytest.approx(round1 + (1 + 0.5 * 7))
+    # The draft job: its prefill (2 ms, 4 ms slowed) and 8 proposals + 7 feeds (4.3 ms alone,
+    # 8.6 ms slowed): 12.6 ms, answered 0.4 ms later. The target's 10 ms prefill is slowed by
+    # half for the 10 ms it overlaps the job: 15 ms, the longer of the two.
+    assert p.round1_ms(4.3) == pytest.approx(max(10 + 0.5 * 10, 4.0 + 8.6 + 0.4))
+    assert out["round1_ms"] == pytest.approx(15.0 + (1 + 0.5 * 7))
     # 5 accepted (d0..d4) + the target's token: 6 committed, 4 autoregressive steps left.
     assert out["decode_ms"] == pytest.approx(4 * 1.0)
     assert out["target_forwards"] == 2 + 4
+    cold = p.with_(draft_prefill_round1_ms=9.0)  # a measured cold prefill replaces P_d * c_d
+    assert cold.round1_ms(4.3) == pytest.approx(9.0 + 8.6 + 0.4)
 
 
 def test_rejected_first_draft_costs_no_verify_and_commits_one_token():

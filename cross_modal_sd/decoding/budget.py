@@ -1,9 +1,9 @@
 """Core budgets and the two deployments every timing runs under (docs/design.md §14).
 
 * ``shared``: every method gets the same ``cores``. The baseline uses all of them for the target;
-  SD splits them between its models as it likes and never holds more at any moment: during round
-  1 the drafter's process has ``draft_cores`` and the target the rest; afterwards the target has
-  them all (the drafter then only works while the target waits for it).
+  SD splits them between its models and never holds more at any moment: the drafter's process
+  has ``draft_cores``, the target the rest (what prefill-window drafting costs: a core the
+  baseline's prefill has and SD's has not).
 * ``own_device``: the drafter runs on a device the target cannot use (the event camera's edge
   accelerator, a second GPU). On a CPU: the drafter's process pinned to ``draft_cores`` cores of
   its own, the target and the baseline pinned to the other ``cores - draft_cores``.
@@ -94,23 +94,32 @@ class Budget:
         return self.all_cores
 
     @property
+    def sd_cores(self) -> tuple[int, ...]:
+        """The target's cores during SD runs: never the drafter's, whose process stays resident
+        (in `shared` the baselines have those cores too, SD's target does not)."""
+        if self.cpu:
+            return self.all_cores[self.draft_cores :]
+        return self.target_cores
+
+    @property
     def thread_choices(self) -> list[int]:
         """Intra-op thread counts the target (and the baseline) may be timed at."""
         return list(range(1, len(self.target_cores) + 1))
 
     def plan(self, decode_threads: int) -> ThreadPlan:
-        """The target's threads in an SD run: round 1 leaves the drafter its cores (shared), the
-        rest of the run uses ``decode_threads``."""
-        round1 = len(self.target_cores)
-        if self.deployment == "shared" and self.cpu:
-            round1 = self.cores - self.draft_cores
-        return ThreadPlan(round1=min(round1, decode_threads), decode=decode_threads)
+        """The target's threads in an SD run: on a CPU the drafter's process keeps its cores
+        for the whole run (it stays resident between rounds, and a target thread on its core
+        would contend with it), so the target has the other ``cores - draft_cores``, at most
+        ``decode_threads`` after round 1."""
+        own = self.cores - self.draft_cores if self.cpu else len(self.target_cores)
+        return ThreadPlan(round1=own, decode=min(own, decode_threads))
 
     @contextmanager
-    def pinned(self) -> Iterator[None]:
-        """This process (the target, the baseline) pinned to its cores for the ``with`` body."""
+    def pinned(self, cores: tuple[int, ...] | None = None) -> Iterator[None]:
+        """This process pinned to ``cores`` (default: the target's and the baselines') for the
+        ``with`` body, then back where it was."""
         before = os.sched_getaffinity(0)
-        pin_process(self.target_cores)
+        pin_process(cores or self.target_cores)
         try:
             yield
         finally:

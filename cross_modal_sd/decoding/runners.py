@@ -114,11 +114,12 @@ class DraftRunner(ABC):
 
     @abstractmethod
     def start_busy(self, inputs: Any, ms: float) -> None:
-        """Starts feeding tokens back to back for about `ms` (a stand-in for drafting)."""
+        """Starts a stand-in for round-1 drafting: a prefill, then drafting steps (a proposal
+        and its feed) back to back for about `ms`."""
 
     @abstractmethod
     def finish_busy(self) -> list[float]:
-        """Ms of each feed of the busy job started by `start_busy`."""
+        """Ms of the busy job's prefill, then of each of its drafting steps."""
 
     @abstractmethod
     def ping(self) -> None:
@@ -196,16 +197,19 @@ class _Jobs:
         return out
 
     def busy(self, inputs, ms: float) -> list[float]:
-        state = self.drafter.prefill(inputs)
+        """A prefill, then drafting steps (a proposal and its feed) back to back for ``ms``."""
+        drafter, device = self.drafter, self.device
+        state, prefill = time_call(partial(drafter.prefill, inputs), warmup=0, device=device)
         n = len(state.fed)
-        times: list[float] = []
+        times: list[float] = [prefill]
         end = clock_ms() + ms
         while clock_ms() < end:
-            state, t = time_call(
-                partial(self.drafter.feed, state, [0]), warmup=0, device=self.device
-            )
-            times.append(t)
-            state = self.drafter.rewind(state, n)
+            start = clock_ms()
+            drafter.next_token(state)
+            state = drafter.feed(state, [0])
+            synchronize(device)
+            times.append(clock_ms() - start)
+            state = drafter.rewind(state, n)
         return times
 
 

@@ -48,6 +48,18 @@ from cross_modal_sd.speedup.measure import ProbeError, ProfileModels, measure_pr
 # The two greedy loops a baseline can be: HF `generate`, and the lean loop over `TargetDecoder`.
 BASELINE_LOOPS = ("generate", "loop")
 LOOP_METHODS = {"generate": "hf_generate", "loop": "greedy_loop"}
+# What a prediction reports beside its speedup, to compare with the measured means term by term.
+PREDICTED_KEYS = (
+    "total_ms",
+    "baseline_ms",
+    "round1_ms",
+    "decode_ms",
+    "draft_ms",
+    "verify_ms",
+    "rounds",
+    "first_drafted",
+    "tau",
+)
 
 
 def resolve_max_new_tokens(value: Any, default: int) -> int:
@@ -156,7 +168,8 @@ class _Methods:
     def loop(self, name: str, t_in: TargetInputs, spec: GreedySpec, threads: int | None = None):
         """One baseline loop's record (at its chosen threads unless `threads` is given)."""
         model = self.setup.pair.target
-        with thread_budget(threads or self.threads[name]):
+        budget = self.setup.budget
+        with budget.pinned(budget.target_cores), thread_budget(threads or self.threads[name]):
             if name == "generate":
                 return hf_greedy(model.model, t_in, spec, warmup=0)
             return wrapper_greedy(model, t_in, spec, warmup=0)
@@ -167,10 +180,11 @@ class _Methods:
         if strategy.kind == "baseline":
             return self.loop(strategy.name, t_in, s.spec).to_dict()
         if strategy.kind == "sd":
-            return speculative_generate(
-                s.pair.target, self.runner, t_in, d_in, strategy.sd, self.plan
-            ).to_dict()
-        with thread_budget(self.threads["generate"]):
+            with s.budget.pinned(s.budget.sd_cores):
+                return speculative_generate(
+                    s.pair.target, self.runner, t_in, d_in, strategy.sd, self.plan
+                ).to_dict()
+        with s.budget.pinned(s.budget.target_cores), thread_budget(self.threads["generate"]):
             if strategy.name == "prompt_lookup":
                 pl = s.peers.get("prompt_lookup", {})
                 record = hf_prompt_lookup(
@@ -201,7 +215,7 @@ def choose_threads(
 def _profile(models: ProfileModels, plan, warnings: list[str]) -> CostProfile | None:
     """The speedup model's cost profile of this run's models, or None (with a warning)."""
     try:
-        return measure_profile(models, plan, repeats=5)
+        return measure_profile(models, plan, repeats=8)
     except ProbeError as err:
         warnings.append(f"cost profile not measured: {err}")
         return None
@@ -263,7 +277,7 @@ def time_samples(
                 "thread_choice_ms": choices,
             },
         )
-        with thread_budget(threads["loop"]):
+        with budget.pinned(budget.sd_cores), thread_budget(threads["loop"]):
             profiles = [_profile(profile_models, methods.plan, warnings)] if setup.profile else []
         for i, sample in enumerate(
             tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample")
@@ -289,7 +303,7 @@ def time_samples(
             if on_record is not None:
                 on_record(records[-1])
         if setup.profile:
-            with thread_budget(threads["loop"]):
+            with budget.pinned(budget.sd_cores), thread_budget(threads["loop"]):
                 profiles.append(_profile(profile_models, methods.plan, warnings))
     return records, [p for p in profiles if p is not None], warnings
 
@@ -360,9 +374,7 @@ def summarize_e2e(
                     pred = predict(profile, acceptance, s.sd)
                     report["strategies"][s.name]["predicted_speedup"] = {
                         **pred["speedup"],
-                        "total_ms": pred["total_ms"],
-                        "baseline_ms": pred["baseline_ms"],
-                        "tau": pred["tau"],
+                        **{k: pred[k] for k in PREDICTED_KEYS},
                         "acceptance": pred["acceptance"],
                     }
     else:

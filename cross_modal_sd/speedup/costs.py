@@ -71,6 +71,9 @@ class CostProfile:
             same prefill alone (1 = no slowdown), at the threads round 1 leaves the target.
         draft_contention: the drafter's forwards beside the target's prefill over alone.
         round_trip_ms: one command to the drafter and its answer back (0 in-process).
+        draft_prefill_round1_ms: the drafter's prefill as round 1 pays it: started after the
+            drafter sat idle, beside the target's prefill (None: ``P_d`` times
+            `draft_contention`).
         target_prefill_shared_ms: ``P_t`` alone at the threads round 1 leaves the target when
             the drafter takes cores of the same budget (None: ``target_prefill_ms``).
         baseline_prefill_ms / baseline_token_ms: the baseline loop's cost before and per
@@ -90,6 +93,7 @@ class CostProfile:
     target_contention: float = 1.0
     draft_contention: float = 1.0
     round_trip_ms: float = 0.0
+    draft_prefill_round1_ms: float | None = None
     target_prefill_shared_ms: float | None = None
     baseline_prefill_ms: float | None = None
     baseline_token_ms: float | None = None
@@ -144,26 +148,31 @@ class CostProfile:
         shared = self.target_prefill_shared_ms
         return self.target_prefill_ms if shared is None else shared
 
-    def round1_ms(self, draft_job_ms: float) -> float:
-        """Round 1's wall time: the target's prefill beside a draft job (prefill + drafting) of
-        ``draft_job_ms`` alone; each is slowed by its contention while the other runs, and the
-        job's answer comes back after a round trip."""
+    @property
+    def round1_draft_prefill_ms(self) -> float:
+        """The drafter's prefill in round 1 (see ``draft_prefill_round1_ms``)."""
+        cold = self.draft_prefill_round1_ms
+        return self.draft_prefill_ms * self.draft_contention if cold is None else cold
+
+    def round1_ms(self, drafting_ms: float) -> float:
+        """Round 1's wall time: the target's prefill beside a draft job (its prefill, then
+        ``drafting_ms`` of drafting at solo costs, slowed by contention), whose answer comes back
+        after a round trip; the target's prefill is slowed while the job runs."""
         prefill = self.round1_prefill_ms
-        if draft_job_ms <= 0:
-            return self.target_prefill_ms
-        overlap = min(prefill, draft_job_ms)
-        target = prefill + (self.target_contention - 1.0) * overlap
-        draft = draft_job_ms + (self.draft_contention - 1.0) * overlap + self.round_trip_ms
-        return max(target, draft)
+        job = self.round1_draft_prefill_ms + self.draft_contention * drafting_ms
+        target = prefill + (self.target_contention - 1.0) * min(prefill, job)
+        return max(target, job + self.round_trip_ms)
 
     def prefill_drafts(self) -> int:
         """Drafts of a ``gamma="prefill"`` round 1: the first draft proposed once the target
-        has prefilled, i.e. the smallest ``G >= 1`` whose job (half a round trip after the
-        command, slowed by contention) reaches the end of the target's slowed prefill."""
+        has prefilled, i.e. the smallest ``G >= 1`` whose job (started half a round trip after
+        the command) reaches the end of the target's slowed prefill."""
         step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
         ready = self.round1_prefill_ms * self.target_contention
-        start = self.round_trip_ms / 2 + (self.draft_prefill_ms - self.draft_token_ms) * (
-            self.draft_contention
+        start = (
+            self.round_trip_ms / 2
+            + self.round1_draft_prefill_ms
+            - self.draft_token_ms * self.draft_contention
         )
         if step <= 0:
             return 10**6  # drafting is free: the round cap decides

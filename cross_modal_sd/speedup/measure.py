@@ -10,8 +10,9 @@ busy machine is part of what runs pay):
 * ``P_t`` at the target's decode threads, and at the threads round 1 leaves it (shared budget);
 * ``T_t`` and ``V(k)``: one forward over 1 and ``k + 1`` tokens after ``context`` answer tokens;
 * ``P_d``, ``T_d``, ``A``: on the drafter's runner (its process, its cores);
-* contention: the target's prefill, back to back, while the drafter feeds tokens back to back
-  beside it, against each alone;
+* contention: a stand-in for round 1 (the drafter, idle until then, prefills and then drafts,
+  a proposal and a feed at a time, while the target prefills back to back beside it) against each
+  alone, and the drafter's prefill as round 1 pays it;
 * the round trip of one command to the drafter;
 * each baseline loop at ``baseline_lengths`` tokens (no EOS stop), a line through
   (tokens - 1, ms).
@@ -54,7 +55,7 @@ from cross_modal_sd.models.wrappers import TargetDecoder, crop_cache
 from cross_modal_sd.speedup.costs import CostProfile, fit_line, save_profile
 
 VERIFY_DRAFTS = (1, 2, 4, 8, 16)
-BASELINE_LENGTHS = (4, 8, 16)
+BASELINE_LENGTHS = (2, 8, 16, 24)  # around the answer lengths a run sees, for a steady line
 
 
 class ProbeError(RuntimeError):
@@ -148,27 +149,33 @@ def measure_profile(
 
     def step(drafts):
         def run():
-            crop_cache(state.cache, base_len)
             return verify(target, state, drafts)
 
         return run
 
     def clock(fn, n=None) -> float:
+        # Forwards append to the shared state's cache: it is cropped back before each timed
+        # call, untimed (a decode step crops nothing; a verify crops its rejected drafts).
+        crop_cache(state.cache, base_len)
         with threads(n if n is not None else plan.decode):
             return time_call(fn, warmup=0, device=device)[1]
 
     def contention() -> dict[str, list[float]]:
-        # The drafter feeds tokens back to back (a stand-in for round-1 drafting) while the
-        # target prefills back to back beside it, at round 1's threads.
+        # A stand-in for round 1, started as round 1 starts (the drafter idle until then): the
+        # drafter prefills, then feeds tokens back to back, while the target prefills back to
+        # back beside it, at round 1's threads.
         alone = clock(prefill, plan.round1)
         span = 4 * alone + 20.0
         runner.start_busy(d_in, span)
-        time.sleep(min(0.05, span / 4000))  # let the drafter's prefill pass
         beside, end = [], time.perf_counter() + span / 2000
         while time.perf_counter() < end or not beside:
             beside.append(clock(prefill, plan.round1))
-        feeds = runner.finish_busy()
-        return {"prefill_beside": beside, "feed_beside": feeds[1:-1] or feeds}
+        cold, *steps = runner.finish_busy()
+        return {
+            "prefill_beside": beside,
+            "draft_prefill_round1": [cold],
+            "draft_step_beside": steps[1:-1] or steps,
+        }
 
     probes: dict[str, Callable[[], dict[str, list[float]]]] = {
         "target_prefill": lambda: {"target_prefill": [clock(prefill)]},
@@ -224,8 +231,9 @@ def measure_profile(
         draft_token_ms=mean["draft_feed"],
         adapter_ms=mean["adapter"],
         target_contention=mean["prefill_beside"] / shared,
-        draft_contention=mean["feed_beside"] / mean["draft_feed"],
+        draft_contention=mean["draft_step_beside"] / (mean["draft_feed"] + mean["adapter"]),
         round_trip_ms=mean["round_trip"],
+        draft_prefill_round1_ms=mean["draft_prefill_round1"],
         target_prefill_shared_ms=shared if plan.round1 != plan.decode else None,
         baseline_prefill_ms=base_prefill,
         baseline_token_ms=base_token,

@@ -6,8 +6,7 @@ For one sample (its teacher-forced ``match``/``confidence`` sequences, `acceptan
 * **Round 1.** The drafter proposes while the target prefills: a fixed number of drafts, as
   many as fit in the prefill (``gamma="prefill"``: `CostProfile.prefill_drafts`), or while its
   confidence stays at or above the threshold; it stops after proposing EOS and at the cap of
-  ``max_new_tokens - 1``. The round lasts `CostProfile.round1_ms` of the draft job
-  (``P_d + drafting``). The first draft is checked against the prefill's own token; if it is
+  ``max_new_tokens - 1``. The round lasts `CostProfile.round1_ms` of its drafting. The first draft is checked against the prefill's own token; if it is
   accepted and more were drafted, one verify ``V(G - 1)`` checks the rest.
 * **Decode phase.** ``autoregressive``: one step ``T_t`` per remaining token.
   ``draft_model``: rounds of (a command to the drafter, a resync ``T_d``, drafting, a verify
@@ -88,7 +87,7 @@ def simulate(
         (0, False) if cap < 2 else _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
     )
     drafting = p.drafting_ms(g, stopped)
-    round1 = p.round1_ms(p.draft_prefill_ms + drafting) if g else p.target_prefill_ms
+    round1 = p.round1_ms(drafting) if g else p.target_prefill_ms
     accepted = int(g > 0 and match[0])
     length, forwards, verify = 1, 1, 0.0
     if accepted and g > 1 and n > 1:
