@@ -269,6 +269,7 @@ def time_samples(
             t_in,
             d_in,
             baselines={n: lambda spec, n=n: methods.loop(n, t_in, spec) for n in BASELINE_LOOPS},
+            sd_context=lambda: budget.pinned(budget.sd_cores),
             meta={
                 "models": f"{pair.target_id} / {pair.draft_id}",
                 "adapter": setup.export.name,
@@ -277,7 +278,7 @@ def time_samples(
                 "thread_choice_ms": choices,
             },
         )
-        with budget.pinned(budget.sd_cores), thread_budget(threads["loop"]):
+        with thread_budget(threads["loop"]):
             profiles = [_profile(profile_models, methods.plan, warnings)] if setup.profile else []
         for i, sample in enumerate(
             tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample")
@@ -303,7 +304,7 @@ def time_samples(
             if on_record is not None:
                 on_record(records[-1])
         if setup.profile:
-            with budget.pinned(budget.sd_cores), thread_budget(threads["loop"]):
+            with thread_budget(threads["loop"]):
                 profiles.append(_profile(profile_models, methods.plan, warnings))
     return records, [p for p in profiles if p is not None], warnings
 

@@ -30,6 +30,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ class ProfileModels:
         runner: the drafter where it runs (its process, or a thread here).
         target_inputs / draft_inputs: one sample's inputs (batch size 1).
         baselines: the baseline loops by name (HF ``generate``, the lean greedy ``loop``), each
-            run for a `GreedySpec` at its own threads.
+            run for a `GreedySpec` at its own threads (and cores).
+        sd_context: entered around every other probe: where SD's target runs (evaluation pins
+            it off the drafter's cores there).
         meta: what the models are (recorded in the profile).
     """
 
@@ -81,6 +84,7 @@ class ProfileModels:
     draft_inputs: DraftInputs
     baselines: dict[str, Callable[[GreedySpec], GenerationRecord]] = field(default_factory=dict)
     meta: dict[str, Any] | None = None
+    sd_context: Callable[[], AbstractContextManager] = nullcontext
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -195,11 +199,18 @@ def measure_profile(
         "round_trip": lambda: {"round_trip": [time_call(runner.ping, warmup=0)[1]]},
         "contention": contention,
     }
+
+    def timed_loop(run, spec) -> float:
+        # One untimed short run first: in an evaluation a baseline loop follows another run at
+        # its thread count (methods rotate), not a probe at another one.
+        run(GreedySpec(2, limit, None))
+        return run(spec).total_ms
+
     for loop, run in models.baselines.items():
         for n in baseline_lengths:
             spec = GreedySpec(n, limit, None)  # no EOS: exactly n tokens
             probes[f"{loop}_{n}"] = lambda spec=spec, n=n, loop=loop, run=run: {
-                f"{loop}_{n}": [run(spec).total_ms]
+                f"{loop}_{n}": [timed_loop(run, spec)]
             }
     times: dict[str, list[float]] = {}
     order = random.Random(0)
@@ -208,7 +219,10 @@ def measure_profile(
             keys = list(probes)
             order.shuffle(keys)
             for key in keys:
-                for cost, ms in probes[key]().items():
+                on_sd_cores = key.split("_")[0] not in models.baselines
+                with models.sd_context() if on_sd_cores else nullcontext():
+                    measured = probes[key]()
+                for cost, ms in measured.items():
                     if i:
                         times.setdefault(cost, []).extend(ms)
     except ProbeError:
