@@ -18,11 +18,13 @@ install: $(STAMP)
 
 # The main job on the mini world, one step per line so each is a command you can rerun alone.
 DEMO_RUN ?= demo-L1
+DEMO_HEAD ?= demo-H1
 demo: $(STAMP)
 	$(BIN)/python -m cross_modal_sd.world.build
 	$(BIN)/python -m cross_modal_sd.extract
 	$(BIN)/python train.py run_name=$(DEMO_RUN)
-	$(BIN)/python evaluate.py ckpt=checkpoints/$(DEMO_RUN)/best_model.pt
+	$(BIN)/python train.py experiment=head run_name=$(DEMO_HEAD)
+	$(BIN)/python evaluate.py ckpt=checkpoints/$(DEMO_RUN)/best_model.pt head_ckpt=checkpoints/$(DEMO_HEAD)/best_model.pt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

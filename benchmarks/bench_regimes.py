@@ -1,10 +1,11 @@
 """Speedups across cost regimes and deployments, measured and predicted, with intervals.
 
 For each mini world named (`conf/models/<name>.yaml`, built on demand) it runs the pipeline's own
-commands: `python train.py models=<name> run_name=bench-<name>` when the export is missing (which
-builds the world and extracts the cache first), then `python evaluate.py` with both deployments,
-``--repeats`` times (fresh test scenes: the adapter and the speedup model never saw them). It
-writes, into ``--out``:
+commands: `python train.py models=<name> run_name=bench-<name>` and `python train.py
+experiment=head models=<name> run_name=bench-<name>-H1` when the exports are missing (the first
+builds the world and extracts the cache), then `python evaluate.py` with both deployments and the
+head, ``--repeats`` times (the same test scenes: the adapter, the head and the speedup model never
+saw them; repeats show the run-to-run spread). It writes, into ``--out``:
 
 * ``regimes.md`` / ``regimes.json``: per world, deployment and strategy the measured speedup
   (ratio of means, 95% bootstrap interval over samples; with repeats, the spread of the repeats'
@@ -35,6 +36,9 @@ from cross_modal_sd.speedup.validation import render_validation, validation_rows
 from cross_modal_sd.utils import table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
+# Cross-modal only (decode with the drafter, or the prior system's target alone), head only,
+# the hybrid, and a peer; HF assisted generation (the slowest method by far) is left out.
+STRATEGIES = ("sd_fixed_draft_model", "sd_fixed_autoregressive", "head", "hybrid", "prompt_lookup")
 
 
 def run(cmd: list[str]) -> None:
@@ -43,16 +47,19 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def export_for(models: str, epochs: int) -> Path:
-    """The benchmark's adapter for a world, trained once (world and cache built on demand)."""
-    ckpt = REPO / "checkpoints" / f"bench-{models}" / "best_model.pt"
+def export_for(models: str, epochs: int, head: bool = False) -> Path:
+    """The benchmark's adapter (or feature head) for a world, trained once (world and cache
+    built on demand)."""
+    run_name = f"bench-{models}" + ("-H1" if head else "")
+    ckpt = REPO / "checkpoints" / run_name / "best_model.pt"
     if not ckpt.is_file():
         run(
             [
                 sys.executable,
                 "train.py",
+                *(["experiment=head"] if head else []),
                 f"models={models}",
-                f"run_name=bench-{models}",
+                f"run_name={run_name}",
                 f"trainer.max_epochs={epochs}",
                 "logger=none",
             ]
@@ -60,7 +67,9 @@ def export_for(models: str, epochs: int) -> Path:
     return ckpt
 
 
-def evaluate(models: str, ckpt: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+def evaluate(
+    models: str, ckpt: Path, head: Path, out: Path, args: argparse.Namespace
+) -> list[dict]:
     """One evaluate.py run (both deployments); its reports."""
     run(
         [
@@ -68,6 +77,8 @@ def evaluate(models: str, ckpt: Path, out: Path, args: argparse.Namespace) -> li
             "evaluate.py",
             f"models={models}",
             f"ckpt={ckpt}",
+            f"head_ckpt={head}",
+            f"strategies=[{','.join(args.strategies)}]",
             f"source.count={args.count}",
             f"source.start={args.start}",
             f"cores={args.cores}",
@@ -106,11 +117,14 @@ def summarise(reports: list[dict]) -> list[dict[str, Any]]:
                 "repeats": points,
                 "predicted": statistics.mean(preds) if preds else None,
                 "tau": first.get("tau"),
+                "tau_later": first.get("tau_later"),
+                "round1_tokens": first.get("round1_tokens"),
                 "lossless_rate": first["lossless_rate"],
                 "prefill_share": costs["target_prefill_share"],
                 "draft_prefill_ratio": costs["draft_prefill_ratio"],
                 "draft_token_ratio": costs["draft_token_ratio"],
                 "contention": costs["contention"],
+                "head_token_ratio": costs.get("head_token_ratio"),
             }
         )
     return rows
@@ -125,9 +139,12 @@ def render(rows: list[dict], command: str) -> str:
         "repeats",
         "predicted",
         "tau",
+        "round-1 tokens",
+        "tau later rounds",
         "lossless",
         "draft/target prefill",
         "draft/target per token",
+        "head/target per token",
         "contention",
     ]
     body = [
@@ -139,9 +156,12 @@ def render(rows: list[dict], command: str) -> str:
             ", ".join(f"{p:.3f}" for p in r["repeats"]),
             r["predicted"],
             r["tau"],
+            r["round1_tokens"],
+            r["tau_later"],
             r["lossless_rate"],
             r["draft_prefill_ratio"],
             r["draft_token_ratio"],
+            r["head_token_ratio"],
             r["contention"],
         ]
         for r in rows
@@ -190,7 +210,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--count", type=int, default=20, help="test scenes per run")
     parser.add_argument("--start", type=int, default=0, help="first test scene")
     parser.add_argument("--cores", type=int, default=2, help="core budget")
-    parser.add_argument("--epochs", type=int, default=10, help="adapter training epochs")
+    parser.add_argument("--epochs", type=int, default=10, help="adapter and head training epochs")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(STRATEGIES),
+        help="evaluate.py strategies timed next to the baseline",
+    )
     parser.add_argument("--out", default="outputs/bench_regimes", help="output folder")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.count < 1:
@@ -199,8 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reports = []
     for models in args.models:
         ckpt = export_for(models, args.epochs)
+        head = export_for(models, args.epochs, head=True)
         for k in range(args.repeats):
-            reports += evaluate(models, ckpt, (out / models / f"run{k}").resolve(), args)
+            reports += evaluate(models, ckpt, head, (out / models / f"run{k}").resolve(), args)
     rows = summarise(reports)
     command = "python benchmarks/bench_regimes.py " + " ".join(argv or sys.argv[1:])
     (out / "regimes.md").write_text(render(rows, command) + "\n")

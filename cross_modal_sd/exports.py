@@ -4,9 +4,11 @@ An export is plain data and loads with ``torch.load(weights_only=True)``: ``adap
 and ``state_dict`` (`adapters.adapter_payload`), ``export_format``, ``cache_manifest_digest``,
 ``dims`` (``{"draft_dim", "target_dim"}``), ``metrics`` (the best epoch's ``val/*`` scalars),
 ``curves`` (its acceptance curves), ``val_acceptance`` (every validation sample's
-teacher-forced ``match``/``confidence`` sequences, padded, with ``lengths``: what the speedup
-model replays), ``epoch``, ``global_step``, ``run_name`` and, when known, the training cache's
-``draft_model`` / ``target_model`` ids. Files written by earlier versions (without
+teacher-forced ``match``/``confidence`` sequences, padded, with ``lengths``; for a feature head
+the accepted ``runs`` of its self-fed chains from every position: what the speedup model
+replays), ``kind`` (``adapter`` | ``head``), ``lm_head_digest`` (of the target's ``lm_head``: a
+head drafts through it), ``epoch``, ``global_step``, ``run_name`` and, when known, the training
+cache's ``draft_model`` / ``target_model`` ids. Files written by earlier versions (without
 ``val_acceptance``, or payloads with only the adapter) load too.
 """
 
@@ -34,6 +36,15 @@ class ExportError(ValueError):
     """An export that is missing, malformed or does not fit the models or cache."""
 
 
+def tensor_digest(weight: torch.Tensor) -> str:
+    """sha256 of a tensor's float32 values (the same weights give the same digest whatever
+    their stored dtype was widened from)."""
+    import hashlib
+
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class AdapterExport:
     """An exported adapter and what the export says about its training.
@@ -49,6 +60,7 @@ class AdapterExport:
         val_acceptance: the validation split's acceptance sequences (``match``, ``confidence``,
             ``lengths`` tensors), None for older exports.
         models: (draft_model, target_model) ids of its training cache, when recorded.
+        lm_head_digest: `tensor_digest` of the training cache's target ``lm_head``.
     """
 
     path: Path
@@ -60,11 +72,17 @@ class AdapterExport:
     curves: dict[str, Any] = field(default_factory=dict)
     val_acceptance: dict[str, torch.Tensor] | None = None
     models: tuple[str, str] | None = None
+    lm_head_digest: str | None = None
 
     @property
     def name(self) -> str | None:
         """Adapter level name (``L1`` ...)."""
         return self.adapter.name
+
+    @property
+    def kind(self) -> str:
+        """``adapter`` (maps the draft's states) or ``head`` (reads the target's own)."""
+        return getattr(self.adapter, "kind", "adapter")
 
 
 def save_export(adapter: Adapter, path: str | os.PathLike, **extra: Any) -> Path:
@@ -78,6 +96,7 @@ def save_export(adapter: Adapter, path: str | os.PathLike, **extra: Any) -> Path
     payload = {
         **adapter_payload(adapter),
         "export_format": EXPORT_FORMAT,
+        "kind": getattr(adapter, "kind", "adapter"),
         "dims": {"draft_dim": adapter.in_dim, "target_dim": adapter.out_dim},
         **extra,
     }
@@ -95,6 +114,7 @@ def export_run(
     summary: Mapping[str, Any],
     models: Mapping[str, str] | None = None,
     val_acceptance: Mapping[str, torch.Tensor] | None = None,
+    lm_head_digest: str | None = None,
 ) -> tuple[Path, Path]:
     """A finished training run's ``best_model.pt`` and ``metrics.json`` in ``export_dir``.
 
@@ -107,7 +127,8 @@ def export_run(
         summary: the content of ``metrics.json`` (best/final metrics, paths, run name).
         models: ``{"draft_model": id, "target_model": id}`` of the training cache.
         val_acceptance: the best adapter's validation acceptance sequences
-            (`metrics.offline.acceptance_arrays`).
+            (`metrics.offline.acceptance_arrays`, or `metrics.chains.chain_arrays` for a head).
+        lm_head_digest: `tensor_digest` of the cache's target ``lm_head``.
 
     Returns:
         Paths of ``best_model.pt`` and ``metrics.json``.
@@ -122,6 +143,7 @@ def export_run(
         epoch=best.get("epoch"),
         global_step=best.get("global_step"),
         run_name=summary.get("run_name"),
+        lm_head_digest=lm_head_digest,
         **({"val_acceptance": dict(val_acceptance)} if val_acceptance else {}),
         **(models or {}),
     )
@@ -164,6 +186,7 @@ def load_export(path: str | os.PathLike) -> AdapterExport:
         curves=dict(payload.get("curves") or {}),
         val_acceptance=payload.get("val_acceptance"),
         models=models,
+        lm_head_digest=payload.get("lm_head_digest"),
     )
 
 
@@ -191,7 +214,8 @@ def check_export_fits(
 
     Dims are always compared with the loaded models' hidden sizes. Model ids are compared when
     the export records them, or when the cache at `cache_dir` is the one it was trained on
-    (same manifest digest).
+    (same manifest digest). A feature head is checked against the target alone: its width,
+    vocabulary and ``lm_head`` digest.
 
     Returns:
         The report's ``checkpoint`` entry (path, adapter, run, dims, digest, ``models_verified``).
@@ -199,6 +223,8 @@ def check_export_fits(
     Raises:
         ExportError: dims or model ids differ; the message names both sides.
     """
+    if export.kind == "head":
+        return _check_head_fits(export, pair)
     draft_dim = int(pair.draft.lm_head_weight.shape[1])
     target_dim = int(pair.target.lm_head_weight.shape[1])
     if export.dims != (draft_dim, target_dim):
@@ -235,4 +261,39 @@ def check_export_fits(
         "cache_manifest_digest": export.cache_digest,
         "models_verified": models is not None,
         "num_parameters": export.adapter.num_parameters(),
+    }
+
+
+def _check_head_fits(export: AdapterExport, pair: PairModels) -> dict[str, Any]:
+    """A feature head drafts through the target's ``lm_head`` from its states: width,
+    vocabulary and ``lm_head`` weights must be the ones it was trained with.
+
+    Raises:
+        ExportError: any of them differ; the message names both sides.
+    """
+    weight = pair.target.lm_head_weight
+    vocab, dim = (int(n) for n in weight.shape)
+    head = export.adapter
+    theirs = (head.out_dim, head.config.get("vocab_size"))
+    if theirs != (dim, vocab):
+        raise ExportError(
+            f"ckpt={export.path}: head {export.name} was trained for a target of width "
+            f"{theirs[0]} and {theirs[1]} vocabulary rows, but the loaded target "
+            f"({pair.target_id}) has width {dim} and {vocab} rows; train a head for it"
+        )
+    if export.lm_head_digest and export.lm_head_digest != tensor_digest(weight):
+        raise ExportError(
+            f"ckpt={export.path}: head {export.name} was trained against another lm_head than "
+            f"the loaded target's ({pair.target_id}): its drafts would be read by other weights; "
+            f"train a head for this target"
+        )
+    return {
+        "path": str(export.path),
+        "adapter": export.name,
+        "kind": "head",
+        "run_name": export.run_name,
+        "dims": {"target_dim": dim, "vocab": vocab},
+        "cache_manifest_digest": export.cache_digest,
+        "lm_head_verified": export.lm_head_digest is not None,
+        "num_parameters": head.num_parameters(),
     }

@@ -253,7 +253,9 @@ def test_hydra_instantiate_and_build_adapter_agree():
 
 
 def test_unknown_name_and_target_errors():
-    with pytest.raises(ValueError, match=r"unknown adapter 'L9'.*known: L1, L2, L3, L4, L5"):
+    with pytest.raises(
+        ValueError, match=r"unknown adapter 'L9'.*known: H1, H2, L1, L2, L3, L4, L5"
+    ):
         group_option("adapter", "L9")
     with pytest.raises(UnknownAdapterError, match=r"'os\.system'.*known targets: .*EagleAdapter"):
         build_adapter({"_target_": "os.system", "name": "L1"}, 32, 32)

@@ -73,8 +73,13 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.resolve(plain)  # every interpolation of the job's config resolves
     if group == "adapter":
-        adapter = build_adapter(cfg.adapter, 32, 48)
-        assert adapter.name == name and (adapter.in_dim, adapter.out_dim) == (32, 48)
+        if name.startswith("H"):  # feature heads: the target's width both ways, its vocabulary
+            node = {**OmegaConf.to_container(cfg.adapter, resolve=True), "vocab_size": 50}
+            adapter = build_adapter(node, 48, 48)
+            assert adapter.name == name and adapter.kind == "head"
+        else:
+            adapter = build_adapter(cfg.adapter, 32, 48)
+            assert adapter.name == name and (adapter.in_dim, adapter.out_dim) == (32, 48)
     elif group == "source":
         if name == "dsec":
             _bind(OmegaConf.to_container(cfg.source, resolve=True))  # needs a DSEC folder to build
@@ -100,7 +105,10 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
             assert world.regime == cfg.models.world.regime
     elif group == "decoding":
         strategies = parse_strategies(cfg.strategies, cfg.decoding, 10, 2)
-        assert {s.sd.decode for s in strategies if s.sd} <= {cfg.decoding.phase, "autoregressive"}
+        phases = {cfg.decoding.phase, "autoregressive", "head"}  # head: the feature-head strategies
+        assert {s.sd.decode for s in strategies if s.sd} <= phases
+        heads = [s.sd for s in strategies if s.sd and s.sd.decode == "head"]
+        assert all(h.policy.decode_gamma == cfg.decoding.head_gamma for h in heads)
     elif group == "hydra/launcher":
         _bind(OmegaConf.to_container(cfg.hydra.launcher))
     elif group == "loss":

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from random_models import boost_eos, liven
 
-from cross_modal_sd.adapters import build_adapter
+from cross_modal_sd.adapters import FeatureHead, build_adapter
 from cross_modal_sd.config import group_option
 from cross_modal_sd.data.cache import CacheWriter, HiddenPairCache
 from cross_modal_sd.data.dataset import collate_pairs
@@ -30,7 +30,7 @@ from cross_modal_sd.evaluation import (
     run_offline,
     write_outputs,
 )
-from cross_modal_sd.exports import ExportError, load_export, save_export
+from cross_modal_sd.exports import ExportError, load_export, save_export, tensor_digest
 from cross_modal_sd.metrics import cos_sim_stats, draft_tokens, token_accept_len, token_match
 from cross_modal_sd.metrics.offline import acceptance_arrays
 from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_draft, build_target
@@ -132,6 +132,20 @@ class TinyWorld:
                 [{"match": [True, True, False] * 3, "confidence": [0.9] * 9}] * 4
             ),
         )
+        # A feature head for the same target (random: its drafts are mostly rejected), with
+        # scripted chain runs over the same 4 validation answers of 9 tokens.
+        self.head_ckpt = root / "head-a" / "best_model.pt"
+        weight = self.pair.target.lm_head_weight
+        head = FeatureHead(128, 128, "H1", vocab_size=weight.shape[0], max_len=16)
+        runs = torch.tensor([[2, 1, 0, 3, 2, 1, 0, 1, -1]] * 4, dtype=torch.int16)
+        save_export(
+            head,
+            self.head_ckpt,
+            run_name="head-a",
+            cache_manifest_digest="0" * 64,
+            lm_head_digest=tensor_digest(weight),
+            val_acceptance={"runs": runs, "lengths": torch.tensor([9] * 4), "k": torch.tensor(8)},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +206,51 @@ def test_every_sd_configuration_is_lossless_on_every_sample(world):
         if name.startswith("sd_"):  # predicted from probes and the export's val acceptance
             assert s["predicted_speedup"]["ratio_of_means"] > 0
             assert s["predicted_speedup"]["acceptance"]["source"].startswith("val split")
+
+
+@pytest.mark.parametrize("deployment", ["own_device", "shared"])
+def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
+    cfg = _cfg(
+        strategies=["head", "hybrid", "sd_fixed"],
+        head_ckpt=str(world.head_ckpt),
+        cost_profile=True,
+    )
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg, deployment)
+    assert report["lossless_rate"] == 1.0
+    assert list(report["strategies"]) == ["baseline", "head", "hybrid", "sd_fixed_draft_model"]
+    head, hybrid = report["strategies"]["head"], report["strategies"]["hybrid"]
+    assert head["method"] == "sd/none/fixed-prefill/head"
+    assert head["first_round_accepted_mean"] == 0 and head["round1_tokens"] == 1
+    assert hybrid["first_round_accepted_mean"] > 0  # the cross-modal drafts of round 1
+    for s in (head, hybrid):
+        assert s["round1_tokens"] + s["later_tokens"] == pytest.approx(s["tokens"])
+        assert s["tau_later"] >= 1 and s["predicted_speedup"]["ratio_of_means"] > 0
+        assert "head chains of" in s["predicted_speedup"]["acceptance"]["source"]
+    for r in records:  # the head-only run never ran the drafter: nothing overlapped
+        assert r["strategies"]["head"]["draft_prefill_ms"] == 0
+    costs, profile = report["cost_ratios"], report["cost_profile"]
+    assert 0 < costs["head_token_ratio"] < 1
+    # Shared: the head-only baseline's target runs on the baseline's cores, probed apart.
+    assert (profile["solo_token_ms"] is not None) == (deployment == "shared")
+    assert report["head_checkpoint"]["lm_head_verified"] is True
+
+
+def test_head_strategies_need_a_head_export(world, tmp_path):
+    cfg = _cfg(strategies=["head", "hybrid", "sd_fixed"])
+    report, _ = run_e2e(world.pair, load_export(world.ckpt), world.samples[:2], cfg)
+    assert list(report["strategies"]) == ["baseline", "sd_fixed_draft_model"]
+    assert any("['head', 'hybrid'] not run" in w for w in report["warnings"])
+    out = str(tmp_path / "out")
+    with pytest.raises(ExportError, match="is a feature head.*head_ckpt="):
+        evaluate(_cfg(ckpt=str(world.head_ckpt), output_dir=out))
+    with pytest.raises(ExportError, match="is an adapter export.*not a feature head"):
+        evaluate(_cfg(ckpt=str(world.ckpt), head_ckpt=str(world.ckpt), output_dir=out))
+    other = tmp_path / "other" / "best_model.pt"
+    export = load_export(world.head_ckpt)
+    save_export(export.adapter, other, lm_head_digest="f" * 64)
+    cfg = _cfg(strategies=["head"], head_ckpt=str(other))
+    with pytest.raises(ExportError, match="another lm_head"):
+        run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], cfg)
 
 
 def test_max_new_tokens_one_gives_one_token_and_no_drafts(world):

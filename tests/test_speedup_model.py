@@ -19,6 +19,7 @@ from cross_modal_sd.decoding import (
     GreedySpec,
     LocalRunner,
     ScriptedDrafter,
+    ScriptedHead,
     SDConfig,
     TargetInputs,
     ThreadPlan,
@@ -38,7 +39,16 @@ from cross_modal_sd.speedup import (
     simulate,
 )
 from cross_modal_sd.speedup.measure import ProbeError, ProfileModels, measure_profile
-from cross_modal_sd.speedup.project import geometric, levers, prior_acceptance, project
+from cross_modal_sd.speedup.project import (
+    PUBLISHED_HEADS,
+    geometric,
+    head_hist_for_tau,
+    head_projection,
+    levers,
+    prior_acceptance,
+    project,
+    render_head_projection,
+)
 from cross_modal_sd.speedup.validation import render_validation, validation_rows
 
 
@@ -173,6 +183,33 @@ def test_levers_move_the_prior_projection_the_expected_way():
     )
 
 
+def test_published_head_acceptance_becomes_run_histograms():
+    # gamma 2: E[min(R, 2)] = q + q^2 = tau - 1 = 0.75 at q = 0.5.
+    hist = head_hist_for_tau(1.75, 2, k=4)
+    assert hist == pytest.approx([0.5, 0.25, 0.125, 0.0625, 0.0625], abs=1e-9)
+    with pytest.raises(ValueError, match=r"tau must lie in \(1, 9\)"):
+        head_hist_for_tau(9.5, 8)
+    acc = prior_acceptance(30).with_head_runs([0] * 8 + [1], 8)  # a head always right
+    assert all(run == min(8, 30 - start) for start, run in enumerate(acc.head_runs[0], 1))
+
+
+def test_real_pair_projection_of_head_and_hybrid():
+    """On the prior system's costs, a head at 5% of a step: a better head beats a worse one; the
+    hybrid beats the weaker head alone when round 1's drafts are good (q = 0.9), and does worse
+    with the prior system's round 1 (21 drafts verified at 70 ms for 4.4 accepted)."""
+    prior = load_profile("prior_rtx4090")
+    prior = prior.with_(head_token_ms=0.05 * prior.target_token_ms)
+    heads = {name: head_hist_for_tau(tau, 6) for name, tau in PUBLISHED_HEADS.items()}
+    rows = head_projection(prior, geometric(0.9), heads, gammas=(2, 4, 6))
+    weak, strong = rows
+    assert 1.0 < weak["head"] < strong["head"]
+    assert weak["head_gamma"] < strong["head_gamma"]  # a steep verify: fewer drafts pay
+    assert weak["hybrid"] > weak["head"] + 0.03
+    poor = head_projection(prior, prior_acceptance(), heads, gammas=(2, 4, 6))
+    assert all(p["hybrid"] < r["hybrid"] for p, r in zip(poor, rows, strict=True))
+    assert "hybrid" in render_head_projection(rows, prior, "the prior system")
+
+
 # ------------------------------------------------------------- the replay against the loop
 
 
@@ -256,6 +293,106 @@ def test_replayed_counts_equal_the_loop_with_scripted_drafters(decode, policy, w
     assert out["accepted"] == sum(record["accepted"])
     assert out["first_drafted"] == record["drafted"][0]
     assert out["target_forwards"] == record["target_forwards"]
+
+
+def _head_runs(n: int, wrong_at) -> tuple[int, ...]:
+    """A scripted head's chain runs: entry ``L`` (committed length ``L + 1``) counts its right
+    drafts from position ``L + 1``."""
+    runs = []
+    for start in range(1, n):
+        run = 0
+        while start + run < n and start + run not in wrong_at:
+            run += 1
+        runs.append(run)
+    return tuple(runs)
+
+
+def test_head_run_by_hand():
+    """Head-only: answer of 10 (EOS at 9), 4 drafts a round, the head wrong at position 3."""
+    p = _toy_profile(head_token_ms=0.2)
+    config = SDConfig(DraftPolicy(gamma="prefill", decode_gamma=4), "head", 16, 2, "none")
+    runs = _head_runs(10, {3})
+    assert runs[:4] == (2, 1, 0, 6)
+    out = simulate(p, config, [False] * 10, [1.0] * 10, runs)
+    # Round 1: the prefill alone (10), t0. At 1: 4 drafts (0.8), 1 and 2 right, V(4) = 3:
+    # commits 3 (length 4). At 4: drafts 4..7 right (0.8), V(4): commits 5 (length 9). At 9:
+    # 1 draft (the EOS; the run reaches the end) 0.2, V(1) = 1.5: commits 1.
+    assert out["round1_ms"] == pytest.approx(10.0)
+    assert out["draft_ms"] == pytest.approx(0.8 + 0.8 + 0.2)
+    assert out["decode_ms"] == pytest.approx(0.8 + 3 + 0.8 + 3 + 0.2 + 1.5)
+    assert (out["rounds"], out["drafted"], out["accepted"], out["target_forwards"]) == (
+        4,
+        9,
+        2 + 4 + 1,
+        4,
+    )
+    with pytest.raises(ValueError, match="needs the head's runs"):
+        simulate(p, config, [False] * 10, [1.0] * 10)
+    with pytest.raises(ProfileError, match="no head_token_ms"):
+        simulate(_toy_profile(), config, [False] * 10, [1.0] * 10, runs)
+
+
+def test_head_only_runs_on_the_baselines_cores():
+    """Round 1 ``none`` prices the target at its solo costs (no drafter resident); the hybrid
+    keeps SD's."""
+    p = _toy_profile(
+        head_token_ms=0.2, solo_prefill_ms=6.0, solo_token_ms=0.5, solo_verify_points=((1, 0.6),)
+    )
+    assert p.solo().target_prefill_ms == 6.0 and p.solo().verify_ms(1) == pytest.approx(0.6)
+    assert _toy_profile().solo() == _toy_profile()
+    runs = _head_runs(4, {1, 2, 3})  # every head draft wrong: one token a round
+    policy = DraftPolicy(gamma="prefill", decode_gamma=2)
+    solo = simulate(p, SDConfig(policy, "head", 16, 2, "none"), [False] * 4, [1.0] * 4, runs)
+    assert solo["total_ms"] == pytest.approx(6.0 + 3 * (2 * 0.2) + 3 * p.solo().verify_ms(2))
+    hybrid = simulate(p, SDConfig(policy, "head", 16, 2), [False] * 4, [1.0] * 4, runs)
+    assert hybrid["verify_ms"] == pytest.approx(3 * p.verify_ms(2))
+    assert save_profile and CostProfile.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("round1", ["none", "cross_modal"])
+@pytest.mark.parametrize("wrong_at", [(), tuple(range(1, 11)), (3, 4, 8)])
+def test_replayed_head_counts_equal_the_loop(round1, wrong_at):
+    """All / none / scattered head misses: the replay's counts equal the loop's. (What a head
+    proposes after a miss is not in its runs: a scripted EOS there would end a round early.)"""
+    eos = 2
+    answer = [5 + i for i in range(10)] + [eos]
+    target = StandInTarget(answer)
+    head = ScriptedHead(answer, 50, wrong_at=wrong_at)
+    drafter = ScriptedDrafter(answer, 50, correct_upto=2) if round1 == "cross_modal" else None
+    policy = DraftPolicy(gamma=3, decode_gamma=4)
+    config = SDConfig(policy, "head", 16, eos, round1)
+    record = speculative_generate(target, drafter, *STAND_IN_INPUTS, config, head=head)
+    assert record.tokens == answer
+    match = [drafter.is_correct(i) if drafter else False for i in range(len(answer))]
+    runs = _head_runs(len(answer), set(wrong_at))
+    out = simulate(_toy_profile(head_token_ms=0.1), config, match, [1.0] * len(answer), runs)
+    assert out["rounds"] == record.rounds
+    assert out["drafted"] == sum(record.drafted)
+    assert out["accepted"] == sum(record.accepted)
+    assert out["target_forwards"] == record.target_forwards
+
+
+def test_acceptance_takes_a_heads_runs_from_its_export():
+    @dataclass
+    class Export:
+        val_acceptance: dict
+        path: str = "head.pt"
+
+    acc = Acceptance(((True, False, True), (True,)), ((1.0,) * 3, (1.0,)), "val")
+    runs = torch.tensor([[2, 1, -1], [-1, -1, -1]], dtype=torch.int16)
+    head = Export({"runs": runs, "lengths": torch.tensor([3, 1]), "k": torch.tensor(8)})
+    both = acc.with_head(head)
+    assert both.head_runs == ((2, 1), ()) and both.head_k == 8 and "head.pt" in both.source
+    other = Export({"runs": runs, "lengths": torch.tensor([3, 2]), "k": torch.tensor(8)})
+    with pytest.raises(ValueError, match="not the adapter's"):
+        acc.with_head(other)
+    with pytest.raises(ValueError, match="no head chain runs"):
+        acc.with_head(Export({"match": runs}))
+    with pytest.raises(ValueError, match="a feature head's export"):
+        Acceptance.from_export(head)
+    config = SDConfig(DraftPolicy(gamma="prefill", decode_gamma=9), "head", 8, None, "none")
+    with pytest.raises(ValueError, match="scored to 8; lower head_gamma"):
+        predict(_toy_profile(head_token_ms=0.1), both, config)
 
 
 @pytest.fixture(scope="module")

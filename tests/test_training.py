@@ -501,3 +501,145 @@ def test_config_groups_inherit(aligned_cache, tmp_path):
     assert ddp.gradient_clip_val == 1.0  # from trainer/cpu.yaml
     loss = make_cfg(aligned_cache, tmp_path, "loss=cosine_mse").loss
     assert (loss.mse_weight, loss.ce_weight, loss.cos_weight) == (0.1, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ feature heads
+
+HEAD_DIM, HEAD_VOCAB = 32, 24
+
+
+def write_head_cache(root: Path, n_groups: int = 30, per_group: int = 4, seed: int = 1) -> Path:
+    """A cache whose target states follow a fixed recurrence a feature head can learn:
+    ``h[k + 1] = tanh(W h[k] + E[y[k]])`` with ``y[k] = argmax(lm_head h[k])`` (the target's
+    greedy token read off its own state). A head that outputs ``h[k + 1]`` from ``(h[k], y[k])``
+    has zero regression loss and accepts every chain."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(HEAD_DIM, HEAD_DIM, generator=gen) * 0.8 / HEAD_DIM**0.5
+    embed = torch.randn(HEAD_VOCAB, HEAD_DIM, generator=gen)
+    lm_head = torch.randn(HEAD_VOCAB, HEAD_DIM, generator=gen)
+    meta = {
+        "pairing": "teacher_forced",
+        "draft_model": "toy/draft",
+        "target_model": "toy/target",
+        "draft_prompt_template": "{question}",
+        "target_prompt_template": "{question}",
+        "draft_dim": 8,
+        "target_dim": HEAD_DIM,
+        "dtype": "float32",
+        "max_new_tokens": 12,
+        "vocab_limit": HEAD_VOCAB,
+    }
+    with CacheWriter(root, meta, shard_samples=64) as writer:
+        writer.set_lm_head(lm_head)
+        for g in range(n_groups):
+            for q in range(per_group):
+                length = int(torch.randint(6, 13, (), generator=gen))
+                h = [torch.randn(HEAD_DIM, generator=gen)]
+                tokens = []
+                for _ in range(length):
+                    tokens.append(int((lm_head @ h[-1]).argmax()))
+                    h.append(torch.tanh(w @ h[-1] + embed[tokens[-1]]))
+                h_target = torch.stack(h[:length])  # (L, D): h[k] reads y[k]
+                writer.add(
+                    f"s{g}/q{q}",
+                    f"s{g}",
+                    f"q{q}",
+                    torch.zeros(length, 8),
+                    h_target,
+                    torch.tensor(tokens),
+                )
+    return root
+
+
+@pytest.fixture(scope="module")
+def head_cache(tmp_path_factory) -> Path:
+    return write_head_cache(tmp_path_factory.mktemp("head_cache"))
+
+
+@pytest.fixture(scope="module")
+def trained_head(head_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("head")
+    cfg = make_cfg(
+        head_cache,
+        out,
+        "experiment=head",
+        "adapter.heads=2",
+        "adapter.max_len=16",
+        "trainer.max_epochs=20",
+        "optimizer.lr=0.01",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.early_stopping=null",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.num_sanity_val_steps=0",
+    )
+    return out, train(cfg)
+
+
+def test_head_training_reaches_a_known_loss(head_cache, trained_head):
+    """The floor of the head's loss (cosine + MSE + token CE) on this cache is the CE of the
+    true next states through the lm_head (cosine and MSE are 0 there); training must come within
+    0.45 of it from over 1.5 above, and its self-fed chains must be accepted for tokens."""
+    out, summary = trained_head
+    cache = HiddenPairCache(head_cache)
+    val = split_indices(cache.groups, VAL_FRACTION, 0)["val"]
+    batch = collate_pairs(cache.get_many(val.tolist()))
+    mask, states, tokens = batch["mask"][:, 1:], batch["h_target"][:, 1:], batch["tokens"][:, 1:]
+    logits = states.float() @ cache.lm_head_weight().T
+    floor = F.cross_entropy(logits[mask], tokens[mask]).item()
+    assert (logits.argmax(-1) == tokens)[mask].all()  # the cache's tokens are the greedy ones
+    rows = [r for r in read_csv_log(out) if r["val/loss"]]
+    first, best = float(rows[0]["val/loss"]), min(float(r["val/loss"]) for r in rows)
+    assert summary["monitor"] == "val/chain_accept_len"
+    assert first > floor + 1.5 and best < floor + 0.45
+    assert summary["best"]["metrics"]["val/chain_accept_len"] > 2.0
+    assert summary["best"]["metrics"]["val/token_match"] > 0.75
+
+
+def test_head_export_holds_its_chains_and_target(head_cache, trained_head):
+    from cross_modal_sd.exports import tensor_digest
+    from cross_modal_sd.metrics.chains import chain_runs
+
+    _, summary = trained_head
+    export = load_export(summary["best_model"])
+    cache = HiddenPairCache(head_cache)
+    assert export.kind == "head" and export.adapter.config["vocab_size"] == HEAD_VOCAB
+    assert export.lm_head_digest == tensor_digest(cache.lm_head_weight())
+    val = split_indices(cache.groups, VAL_FRACTION, 0)["val"]
+    batch = collate_pairs(cache.get_many(val.tolist()))
+    runs = chain_runs(
+        export.adapter.eval(),
+        batch["h_target"],
+        batch["tokens"],
+        batch["mask"],
+        cache.lm_head_weight(),
+        HEAD_VOCAB,
+        k=8,
+    )
+    stored = export.val_acceptance["runs"]
+    assert torch.equal(stored[:, : runs.shape[1]].long(), runs)
+    assert export.val_acceptance["lengths"].tolist() == batch["mask"].sum(1).tolist()
+    # The logged chain metric is the mean of these runs.
+    mean_run = runs[runs >= 0].float().mean().item()
+    assert summary["best"]["metrics"]["val/chain_accept_len"] == pytest.approx(mean_run, abs=1e-5)
+
+
+def test_head_export_is_refused_for_another_target(head_cache, trained_head):
+    from types import SimpleNamespace
+
+    from cross_modal_sd.exports import ExportError, check_export_fits
+
+    export = load_export(trained_head[1]["best_model"])
+
+    def pair(weight):
+        return SimpleNamespace(target=SimpleNamespace(lm_head_weight=weight), target_id="toy")
+
+    weight = HiddenPairCache(head_cache).lm_head_weight()
+    fits = check_export_fits(export, pair(weight))
+    assert fits["kind"] == "head" and fits["lm_head_verified"]
+    with pytest.raises(ExportError, match="width 64 and 24 rows"):
+        check_export_fits(export, pair(torch.zeros(HEAD_VOCAB, 64)))
+    with pytest.raises(ExportError, match="width 32 and 30 rows"):
+        check_export_fits(export, pair(torch.zeros(30, HEAD_DIM)))
+    with pytest.raises(ExportError, match="another lm_head"):
+        check_export_fits(export, pair(weight + 0.01))

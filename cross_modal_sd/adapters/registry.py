@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from cross_modal_sd.adapters.base import Adapter
 from cross_modal_sd.adapters.bottleneck import BottleneckAdapter
 from cross_modal_sd.adapters.eagle import EagleAdapter
+from cross_modal_sd.adapters.head import FeatureHead
 from cross_modal_sd.adapters.sequence import CausalTransformerAdapter
 
 ADAPTER_CLASSES: dict[str, type[Adapter]] = {
     f"cross_modal_sd.adapters.{cls.__name__}": cls
-    for cls in (BottleneckAdapter, CausalTransformerAdapter, EagleAdapter)
+    for cls in (BottleneckAdapter, CausalTransformerAdapter, EagleAdapter, FeatureHead)
 }
 
 

@@ -19,6 +19,7 @@ from cross_modal_sd.decoding.drafters import (
     propose,
     sync,
 )
+from cross_modal_sd.decoding.heads import HeadDrafter, HeadState, ScriptedHead
 from cross_modal_sd.decoding.inputs import DraftInputs, TargetInputs
 from cross_modal_sd.decoding.runners import (
     DraftRunner,
@@ -51,10 +52,13 @@ __all__ = [
     "Drafter",
     "GenerationRecord",
     "GreedySpec",
+    "HeadDrafter",
+    "HeadState",
     "Proposal",
     "SDConfig",
     "SDResult",
     "ScriptedDrafter",
+    "ScriptedHead",
     "Span",
     "TargetInputs",
     "TargetState",

@@ -1,15 +1,18 @@
 """Lossless greedy cross-modal speculative decoding (docs/design.md §11), batch size 1.
 
-Round 1: the target prefill and the draft (prefill, then drafting) run at the same time: the
-drafter on its `DraftRunner` (a thread of this process with its own CUDA stream, or a process
-of its own pinned to its own cores), the target here. The target's prefill logits give its own first token
-t0; the drafts d0, d1, ... propose answer positions 0, 1, .... d0 is checked against t0 directly;
-if it matches, one target forward over [d0 .. d(k-1)] yields the target's greedy tokens for
-positions 1..k, which check d1..d(k-1) and give one bonus token.
+Round 1 (``round1="cross_modal"``): the target prefill and the draft (prefill, then drafting) run
+at the same time: the drafter on its `DraftRunner` (a thread of this process with its own CUDA
+stream, or a process of its own pinned to its own cores), the target here. The target's prefill
+logits give its own first token t0; the drafts d0, d1, ... propose answer positions 0, 1, ....
+d0 is checked against t0 directly; if it matches, one target forward over [d0 .. d(k-1)] yields
+the target's greedy tokens for positions 1..k, which check d1..d(k-1) and give one bonus token.
+With ``round1="none"`` the target prefills alone.
 
 Later rounds (`decode`): ``"autoregressive"`` decodes with the target alone (the prior system);
-``"draft_model"`` syncs the drafter to the committed answer, drafts again and verifies the
-drafts in one forward over [last committed token, drafts...].
+``"draft_model"`` syncs the cross-modal drafter to the committed answer, drafts again and
+verifies the drafts in one forward over [last committed token, drafts...]; ``"head"`` does the
+same with a feature head (`heads.HeadDrafter`) that reads the target's own states from the
+prefill and every verification forward.
 
 Target invariant between rounds: its cache holds prompt + answer[:-1]; the last committed token
 is the next forward's first input. Output equals the target's greedy decoding token for token.
@@ -25,12 +28,14 @@ import torch
 from transformers import DynamicCache
 
 from cross_modal_sd.decoding.drafters import DraftPolicy, common_prefix_len
+from cross_modal_sd.decoding.heads import HeadDrafter
 from cross_modal_sd.decoding.inputs import TargetInputs
 from cross_modal_sd.decoding.runners import NOT_RUN, DraftRunner, LocalRunner
 from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, thread_budget, timed_span
 from cross_modal_sd.models.wrappers import TargetDecoder, crop_cache
 
-DECODE_PHASES = ("autoregressive", "draft_model")
+DECODE_PHASES = ("autoregressive", "draft_model", "head")
+ROUND1_KINDS = ("cross_modal", "none")
 
 
 @dataclass(frozen=True)
@@ -39,20 +44,27 @@ class SDConfig:
 
     Attributes:
         policy: draft length per round.
-        decode: what follows round 1: ``"autoregressive"`` (target alone) or ``"draft_model"``
-            (keep drafting and verifying).
+        decode: what follows round 1: ``"autoregressive"`` (target alone), ``"draft_model"``
+            (the cross-modal drafter keeps drafting) or ``"head"`` (a feature head on the
+            target's own states drafts).
+        round1: ``"cross_modal"`` (the drafter drafts while the target prefills) or ``"none"``
+            (the target prefills alone: with ``decode="head"`` the VLM-only baseline of
+            EAGLE-style drafting).
         max_new_tokens: answer length cap (EOS included).
         eos_token_id: the answer ends after this token (None: only the cap ends it).
     """
 
     policy: DraftPolicy = field(default_factory=DraftPolicy)
-    decode: Literal["autoregressive", "draft_model"] = "draft_model"
+    decode: Literal["autoregressive", "draft_model", "head"] = "draft_model"
     max_new_tokens: int = 32
     eos_token_id: int | None = None
+    round1: Literal["cross_modal", "none"] = "cross_modal"
 
     def __post_init__(self):
         if self.decode not in DECODE_PHASES:
             raise ValueError(f"SDConfig.decode must be one of {DECODE_PHASES}, got {self.decode!r}")
+        if self.round1 not in ROUND1_KINDS:
+            raise ValueError(f"SDConfig.round1 must be one of {ROUND1_KINDS}, got {self.round1!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SDConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
@@ -60,9 +72,10 @@ class SDConfig:
 
     @property
     def name(self) -> str:
-        """Method label for reports, e.g. ``sd/fixed-5/draft_model`` (for people: code reads
-        `to_dict`, never the label)."""
-        return f"sd/{self.policy.name}/{self.decode}"
+        """Method label for reports, e.g. ``sd/fixed-5/draft_model`` or ``sd/none/fixed-5/head``
+        (for people: code reads `to_dict`, never the label)."""
+        first = "" if self.round1 == "cross_modal" else "none/"
+        return f"sd/{first}{self.policy.name}/{self.decode}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; `from_dict` rebuilds the configuration."""
@@ -94,11 +107,16 @@ class ThreadPlan:
 
 @dataclass
 class TargetState:
-    """The target between rounds: cache = prompt + answer[:-1] (updated in place by calls)."""
+    """The target between rounds: cache = prompt + answer[:-1] (updated in place by calls).
+
+    ``states`` (1, j, D): the final-layer states of the last forward at the positions whose
+    tokens are now committed (a feature head reads them; None before any forward).
+    """
 
     cache: DynamicCache
     prompt_len: int
     answer: list[int]
+    states: torch.Tensor | None = None
 
 
 @dataclass
@@ -107,8 +125,9 @@ class SDResult:
 
     `config` is the `SDConfig.to_dict` the run used, so readers never parse `method` back.
 
-    Counts: `rounds` drafting/verification rounds; `drafted[i]`/`accepted[i]` per round (round 0
-    is the one overlapped with the target prefill); `target_forwards` counts the prefill, every
+    Counts: `rounds` drafting/verification rounds; `drafted[i]`/`accepted[i]`/`committed[i]`
+    (tokens the round added to the answer) per round (round 0 is the one overlapped with the
+    target prefill: its prefill's own token included); `target_forwards` counts the prefill, every
     verification forward and every autoregressive step.
 
     Times (ms): `prefill_ms` target prefill; `draft_prefill_ms` draft prefill; `draft_ms` all
@@ -129,6 +148,7 @@ class SDResult:
     rounds: int
     drafted: list[int]
     accepted: list[int]
+    committed: list[int]
     target_forwards: int
     stop: Literal["eos", "max_new_tokens"]
     prefill_ms: float
@@ -207,7 +227,9 @@ def verify(
     accepted = accept_length(drafts, greedy)
     committed = greedy[: accepted + 1]
     crop_cache(state.cache, state.prompt_len + n + accepted)
-    return TargetState(state.cache, state.prompt_len, state.answer + committed), accepted, committed
+    states = out.hidden[:, : accepted + 1]  # at answer[-1] and the accepted drafts
+    new = TargetState(state.cache, state.prompt_len, state.answer + committed, states)
+    return new, accepted, committed
 
 
 def speculative_generate(
@@ -217,25 +239,36 @@ def speculative_generate(
     draft_inputs: Any,
     config: SDConfig,
     threads: ThreadPlan = ThreadPlan(),
+    head: HeadDrafter | None = None,
 ) -> SDResult:
     """Greedy speculative decoding of one sample; the tokens equal the target's greedy output.
 
     Args:
         target: the target behind the decoding API (its logits mask ids >= the vocab limit).
-        drafter: a `DraftRunner`, or a drafter (e.g. `AdapterDrafter`) to run in a thread here.
+        drafter: a `DraftRunner`, or a drafter (e.g. `AdapterDrafter`) to run in a thread here;
+            None when nothing cross-modal drafts (``round1="none"`` and no ``draft_model``).
         target_inputs: prompt and frames for the target.
         draft_inputs: whatever the drafter's `prefill` reads (`DraftInputs` for `AdapterDrafter`).
-        config: policy, decode phase, length cap and EOS.
+        config: round 1, decode phase, policy, length cap and EOS.
         threads: the target's intra-op threads in round 1 and after (CPU).
+        head: the feature-head drafter of ``decode="head"``.
 
     Returns:
         The per-sample record (answer tokens, acceptance counts, per-phase timing).
+
+    Raises:
+        ValueError: a configuration without the drafter it needs.
     """
     device = target_inputs.device
-    if not isinstance(drafter, DraftRunner):  # a bare drafter: a thread here, for this call
-        with LocalRunner(drafter, device) as runner:
+    needs_drafter = config.round1 == "cross_modal" or config.decode == "draft_model"
+    if needs_drafter and drafter is None:
+        raise ValueError(f"{config.name}: needs a cross-modal drafter (got None)")
+    if config.decode == "head" and head is None:
+        raise ValueError(f"{config.name}: decode='head' needs a HeadDrafter")
+    if drafter is not None and not isinstance(drafter, DraftRunner):
+        with LocalRunner(drafter, device) as runner:  # a bare drafter: a thread here
             return speculative_generate(
-                target, runner, target_inputs, draft_inputs, config, threads
+                target, runner, target_inputs, draft_inputs, config, threads, head
             )
     cpu = device.type == "cpu"
     runner = drafter
@@ -246,7 +279,7 @@ def speculative_generate(
 
     # Round 1. Drafts are capped so that all-accepted plus the bonus fills the cap exactly; the
     # drafter works while the target prefills here.
-    drafting_round1 = cap > 1
+    drafting_round1 = cap > 1 and config.round1 == "cross_modal"
     t_spans: list[Span] = []
     with thread_budget(threads.round1 if cpu else None):
         if drafting_round1:
@@ -257,7 +290,8 @@ def speculative_generate(
                 out = target.prefill(target_inputs.input_ids, target_inputs.pixel_values_videos)
                 t0 = int(out.logits[0, -1].argmax())
         finally:
-            runner.set_ready(True)  # also on error, so a drafter waiting for the target ends
+            if runner is not None:
+                runner.set_ready(True)  # also on error, so a drafter waiting for it ends
             r1 = runner.finish_round1() if drafting_round1 else None
         target_threads = torch.get_num_threads()
     t_span = t_spans[0]
@@ -266,7 +300,8 @@ def speculative_generate(
         busy.append([r1.prefill.start, r1.drafting.end, r1.threads])
     d_pre, d_span = (r1.prefill, r1.drafting) if r1 is not None else (NOT_RUN, NOT_RUN)
     drafts = r1.proposal.tokens if r1 is not None else []
-    state = TargetState(out.cache, out.cache.get_seq_length(), [t0])
+    state = TargetState(out.cache, out.cache.get_seq_length(), [t0], out.hidden[:, -1:])
+    sigma = state.states  # σ_{-1} .. σ_{len(answer) - 2}: what a head reads
     answer, done = extend_answer([], state.answer, eos, cap)
     verify_spans: list[Span] = []
     forwards = 1
@@ -275,33 +310,51 @@ def speculative_generate(
         # d0 is checked against the prefill's t0; only d1.. need a target forward (after t0).
         # With no d1 that forward would verify nothing, so it is left to the next round.
         accepted = int(bool(drafts) and drafts[0] == state.answer[0])
+        committed_per_round = [1]
         if accepted and len(drafts) > 1 and not done:
             with timed_span(device, verify_spans):
                 state, more, committed = verify(target, state, drafts[1:])
             accepted += more
             forwards += 1
             answer, done = extend_answer(answer, committed, eos, cap)
+            sigma = torch.cat([sigma, state.states], dim=1)
+            committed_per_round = [len(answer)]
         drafted_per_round, accepted_per_round = [len(drafts)], [accepted]
         round1_end = clock_ms()
 
         draft_spans: list[Span] = []
         step_spans: list[Span] = []  # plain greedy steps (autoregressive): not verification
+        head_state = head.start() if config.decode == "head" else None
+        drafting = config.decode in ("draft_model", "head")
         while not done:
             drafts = []
-            if config.decode == "draft_model" and cap - len(answer) > 1:
-                r = runner.next_round(answer, policy, cap - len(answer) - 1, eos)
-                draft_spans.append(r.drafting)
-                busy.append([r.drafting.start, r.drafting.end, r.threads])
-                drafts = r.proposal.tokens
-            spans = verify_spans if config.decode == "draft_model" else step_spans
+            if drafting and cap - len(answer) > 1:
+                limit = cap - len(answer) - 1
+                if config.decode == "head":
+                    spans: list[Span] = []
+                    with timed_span(device, spans):
+                        head_state = head.sync(head_state, answer, sigma)
+                        head_state, proposal = head.propose(head_state, policy, limit, eos)
+                    r_span, r_threads = spans[0], decode_threads
+                else:
+                    r = runner.next_round(answer, policy, limit, eos)
+                    r_span, r_threads, proposal = r.drafting, r.threads, r.proposal
+                draft_spans.append(r_span)
+                busy.append([r_span.start, r_span.end, r_threads])
+                drafts = proposal.tokens
+            spans = verify_spans if drafting else step_spans
             with timed_span(device, spans):
                 # Without drafts: one plain greedy step.
                 state, n_ok, committed = verify(target, state, drafts)
-            if config.decode == "draft_model":
+            if drafting:
                 drafted_per_round.append(len(drafts))
                 accepted_per_round.append(n_ok)
-            forwards += 1
+            before = len(answer)
             answer, done = extend_answer(answer, committed, eos, cap)
+            if drafting:
+                committed_per_round.append(len(answer) - before)
+            sigma = torch.cat([sigma, state.states], dim=1)
+            forwards += 1
         busy += [[s.start, s.end, decode_threads] for s in verify_spans + step_spans]
     synchronize(device)
     end = clock_ms()
@@ -313,6 +366,7 @@ def speculative_generate(
         rounds=len(drafted_per_round),
         drafted=drafted_per_round,
         accepted=accepted_per_round,
+        committed=committed_per_round,
         target_forwards=forwards,
         stop="eos" if answer[-1] == eos else "max_new_tokens",
         prefill_ms=t_span.ms,

@@ -29,7 +29,9 @@ from cross_modal_sd.decoding import (
     DraftInputs,
     DraftRunner,
     GreedySpec,
+    HeadDrafter,
     TargetInputs,
+    ThreadPlan,
     hf_assisted,
     hf_greedy,
     hf_prompt_lookup,
@@ -40,7 +42,7 @@ from cross_modal_sd.decoding import (
 from cross_modal_sd.decoding.budget import Budget
 from cross_modal_sd.evaluation.report import aggregate
 from cross_modal_sd.evaluation.strategies import Strategy, parse_strategies
-from cross_modal_sd.exports import AdapterExport, check_export_fits
+from cross_modal_sd.exports import AdapterExport, ExportError, check_export_fits, load_export
 from cross_modal_sd.pair import PairModels, PairSample
 from cross_modal_sd.speedup import Acceptance, CostProfile, mean_profile, predict
 from cross_modal_sd.speedup.measure import ProbeError, ProfileModels, measure_profile
@@ -108,6 +110,9 @@ class E2ESetup:
     warmup: int
     profile: bool
     warnings: list[str]
+    head: HeadDrafter | None = None
+    head_export: AdapterExport | None = None
+    head_checkpoint: dict[str, Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +129,11 @@ def prepare_e2e(
     """Checks the export against the models, parses the strategies and the budget, and places
     the models on the device.
 
+    The feature-head strategies (``head``, ``hybrid``) need the head export of
+    ``cfg["head_ckpt"]``; without one they are dropped with a warning.
+
     Raises:
-        ExportError: the export does not fit the models.
+        ExportError: an export does not fit the models (or is of the wrong kind).
         ValueError: bad ``max_new_tokens``, ``cores`` or ``deployment``, or an unknown strategy.
     """
     checkpoint = check_export_fits(export, pair, cache_dir)
@@ -137,6 +145,25 @@ def prepare_e2e(
     pair.draft.model.to(device).eval()
     adapter = export.adapter.to(device).eval()
     warnings = []
+    head_export, head_checkpoint, head = load_head(cfg.get("head_ckpt")), None, None
+    if head_export is not None:
+        head_checkpoint = check_export_fits(head_export, pair)
+        if head_export.adapter.max_len < max_new:
+            raise ExportError(
+                f"head_ckpt={head_export.path}: the head reads answers of at most "
+                f"{head_export.adapter.max_len} tokens (adapter.max_len), max_new_tokens is "
+                f"{max_new}; lower max_new_tokens or train a head with a larger max_len"
+            )
+        head = HeadDrafter(head_export.adapter.to(device).eval(), pair.target.head)
+    else:
+        dropped = [s.name for s in strategies if s.sd is not None and s.sd.decode == "head"]
+        if dropped:
+            strategies = [s for s in strategies if s.name not in dropped]
+            warnings.append(
+                f"strategies {dropped} not run: they need a feature head export "
+                f"(head_ckpt=checkpoints/<run>/best_model.pt; train one with "
+                f"`python train.py experiment=head`)"
+            )
     if max_new == 1:
         warnings.append(
             "max_new_tokens=1: the answer is the prefill's own token, so nothing is drafted; "
@@ -155,7 +182,27 @@ def prepare_e2e(
         warmup=int(cfg.get("warmup", 1)),
         profile=bool(cfg.get("cost_profile", True)),
         warnings=warnings,
+        head=head,
+        head_export=head_export,
+        head_checkpoint=head_checkpoint,
     )
+
+
+def load_head(path: str | os.PathLike | None) -> AdapterExport | None:
+    """The feature-head export at ``path`` (None: no head).
+
+    Raises:
+        ExportError: missing or unreadable, or an adapter export (not a head).
+    """
+    if not path:
+        return None
+    export = load_export(path)
+    if export.kind != "head":
+        raise ExportError(
+            f"head_ckpt={path} is an adapter export ({export.name}), not a feature head; "
+            f"train a head with `python train.py experiment=head` and pass its best_model.pt"
+        )
+    return export
 
 
 class _Methods:
@@ -164,6 +211,9 @@ class _Methods:
     def __init__(self, setup: E2ESetup, runner: DraftRunner, threads: Mapping[str, int]):
         self.setup, self.runner, self.threads = setup, runner, threads
         self.plan = setup.budget.plan(threads["loop"]) if threads else None
+        # Without a cross-modal drafter (the head-only baseline) the target has what the
+        # baseline loop has: its cores, at its threads.
+        self.solo_plan = ThreadPlan(threads["loop"], threads["loop"]) if threads else None
 
     def loop(self, name: str, t_in: TargetInputs, spec: GreedySpec, threads: int | None = None):
         """One baseline loop's record (at its chosen threads unless `threads` is given)."""
@@ -180,9 +230,14 @@ class _Methods:
         if strategy.kind == "baseline":
             return self.loop(strategy.name, t_in, s.spec).to_dict()
         if strategy.kind == "sd":
-            with s.budget.pinned(s.budget.sd_cores):
+            sd = strategy.sd
+            if uses_drafter(sd):
+                cores, runner, plan = s.budget.sd_cores, self.runner, self.plan
+            else:
+                cores, runner, plan = s.budget.target_cores, None, self.solo_plan
+            with s.budget.pinned(cores):
                 return speculative_generate(
-                    s.pair.target, self.runner, t_in, d_in, strategy.sd, self.plan
+                    s.pair.target, runner, t_in, d_in, sd, plan, s.head
                 ).to_dict()
         with s.budget.pinned(s.budget.target_cores), thread_budget(self.threads["generate"]):
             if strategy.name == "prompt_lookup":
@@ -202,6 +257,11 @@ class _Methods:
             else:
                 record = self.loop("loop", t_in, s.spec)
         return record.to_dict()
+
+
+def uses_drafter(config) -> bool:
+    """Whether an SD configuration runs the cross-modal drafter (round 1 or later rounds)."""
+    return config.round1 == "cross_modal" or config.decode == "draft_model"
 
 
 def choose_threads(
@@ -270,6 +330,13 @@ def time_samples(
             d_in,
             baselines={n: lambda spec, n=n: methods.loop(n, t_in, spec) for n in BASELINE_LOOPS},
             sd_context=lambda: budget.pinned(budget.sd_cores),
+            head=setup.head,
+            solo_context=(
+                (lambda: budget.pinned(budget.target_cores))
+                if setup.head is not None and budget.target_cores != budget.sd_cores
+                else None
+            ),
+            solo_threads=threads["loop"],
             meta={
                 "models": f"{pair.target_id} / {pair.draft_id}",
                 "adapter": setup.export.name,
@@ -370,14 +437,24 @@ def summarize_e2e(
         except ValueError as err:
             warnings.append(f"no predicted_speedup: {err}")
         else:
+            head_acceptance = None
+            if setup.head_export is not None:
+                try:
+                    head_acceptance = acceptance.with_head(setup.head_export)
+                except ValueError as err:
+                    warnings.append(f"no predicted_speedup for the head strategies: {err}")
             for s in strategies:
-                if s.kind == "sd":
-                    pred = predict(profile, acceptance, s.sd)
-                    report["strategies"][s.name]["predicted_speedup"] = {
-                        **pred["speedup"],
-                        **{k: pred[k] for k in PREDICTED_KEYS},
-                        "acceptance": pred["acceptance"],
-                    }
+                if s.kind != "sd":
+                    continue
+                acc = head_acceptance if s.sd.decode == "head" else acceptance
+                if acc is None:
+                    continue
+                pred = predict(profile, acc, s.sd)
+                report["strategies"][s.name]["predicted_speedup"] = {
+                    **pred["speedup"],
+                    **{k: pred[k] for k in PREDICTED_KEYS},
+                    "acceptance": pred["acceptance"],
+                }
     else:
         warnings.append("no cost profile (cost_profile=false, or no probe succeeded)")
     report["warnings"] = warnings + report["warnings"]
@@ -385,6 +462,7 @@ def summarize_e2e(
     report["deployment"] = setup.budget.deployment
     report["budget"] = setup.budget.to_dict()
     report["checkpoint"] = setup.checkpoint
+    report["head_checkpoint"] = setup.head_checkpoint
     report["config"] = {
         "max_new_tokens": setup.max_new,
         "warmup": setup.warmup,
@@ -409,6 +487,12 @@ def cost_ratios(profile: CostProfile, baseline_ms: float, pair: PairModels) -> d
         "target_prefill_share": profile.target_prefill_ms / baseline_ms,
         "draft_prefill_ratio": profile.draft_prefill_ms / profile.target_prefill_ms,
         "draft_token_ratio": profile.draft_token_ms / profile.target_token_ms,
+        "head_token_ms": profile.head_token_ms,
+        "head_token_ratio": (
+            profile.head_token_ms / profile.target_token_ms
+            if profile.head_token_ms is not None
+            else None
+        ),
         "contention": profile.target_contention,
         "regime": world.config.regime if world is not None else "real",
         "reference": dict(REFERENCE_COSTS),

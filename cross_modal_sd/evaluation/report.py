@@ -86,6 +86,33 @@ def position_acceptance(
     return out
 
 
+ROUND_SPLIT_KEYS = ("round1_tokens", "later_tokens", "tau_round1", "tau_later")
+
+
+def round_split(runs: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Tokens committed by round 1 and by later rounds (means per sample) and each one's τ
+    (tokens per target forward, pooled over samples; None without such forwards).
+
+    Round 1's forwards are the prefill and its verification, if any; after it each round is one
+    forward (drafting decodes) or each token is (``autoregressive``).
+    """
+    if not all(r.get("committed") for r in runs):  # records older than the per-round counts
+        return dict.fromkeys(ROUND_SPLIT_KEYS)
+    first = [r["committed"][0] for r in runs]
+    later = [len(r["tokens"]) - c for r, c in zip(runs, first, strict=True)]
+    later_forwards = [
+        len(r["drafted"]) - 1 if r["config"]["decode"] != "autoregressive" else n
+        for r, n in zip(runs, later, strict=True)
+    ]
+    first_forwards = [r["target_forwards"] - f for r, f in zip(runs, later_forwards, strict=True)]
+    return {
+        "round1_tokens": mean(first),
+        "later_tokens": mean(later),
+        "tau_round1": ratio(sum(first), sum(first_forwards)),
+        "tau_later": ratio(sum(later), sum(later_forwards)),
+    }
+
+
 def speedup(base_ms: Sequence[float], own_ms: Sequence[float]) -> dict[str, Any]:
     """Ratio of means and mean of ratios, each with its 95% bootstrap interval."""
     ci = bootstrap_speedup(base_ms, own_ms)
@@ -145,12 +172,14 @@ def summarize_strategy(
         out["overlap_share"] = ratio(out["overlap_ms"], out["prefill_ms"])
         out["accepted_length_hist"] = accepted_length_histogram(first_accepted, max_len)
         out["position_acceptance"] = position_acceptance(first_drafted, first_accepted, max_len)
+        out.update(round_split(runs))
     else:
         # Greedy `generate` runs one target forward per token by construction; the peers'
         # internals are not exposed by HF.
         out["tau"] = 1.0 if kind == "baseline" else None
         for key in ("accept_rate", "accepted_mean", "drafted_mean", "first_round_accepted_mean"):
             out[key] = None
+        out.update(dict.fromkeys(ROUND_SPLIT_KEYS))
         out["overlap_share"] = None
         out["accepted_length_hist"] = None
         out["position_acceptance"] = None
@@ -279,6 +308,17 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
             f"Checkpoint `{ckpt.get('path')}` (adapter {ckpt.get('adapter')}, run "
             f"{ckpt.get('run_name')}); {verified}."
         )
+    head = report.get("head_checkpoint")
+    if head:
+        verified = (
+            "its lm_head digest matches the target's"
+            if head.get("lm_head_verified")
+            else "width and vocabulary checked"
+        )
+        out.append(
+            f"Feature head `{head.get('path')}` ({head.get('adapter')}, run "
+            f"{head.get('run_name')}); {verified}."
+        )
     if cfg:
         source = f" ({cfg['source']})" if cfg.get("source") else ""
         out.append(
@@ -341,6 +381,8 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         ]
         rows = [[COST_LABELS[k], costs.get(k), REFERENCE_COSTS[k]] for k in REFERENCE_COSTS]
         rows += [["target prefill beside the drafter / alone", costs.get("contention"), None]]
+        if costs.get("head_token_ratio") is not None:
+            rows += [["feature head per-token / target per-token", costs["head_token_ratio"], None]]
         rows += [
             [k.removesuffix("_ms").replace("_", " ") + " (ms)", costs.get(k), None]
             for k in ("target_prefill_ms", "target_token_ms", "draft_prefill_ms", "draft_token_ms")
@@ -359,8 +401,18 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     ]
     out += ["## Acceptance", ""]
     keys = ("tokens", "tau", "accept_rate", "accepted_mean", "drafted_mean")
-    rows = [[name, *[v[k] for k in keys], v["first_round_accepted_mean"]] for name, v in s.items()]
-    out += [table(["strategy", *keys, "round-1 accepted"], rows), ""]
+    split = ("round1_tokens", "tau_round1", "later_tokens", "tau_later")
+    rows = [
+        [name, *[v[k] for k in keys], v["first_round_accepted_mean"], *[v.get(k) for k in split]]
+        for name, v in s.items()
+    ]
+    header = ["strategy", *keys, "round-1 accepted", "round-1 tokens", "τ round 1"]
+    out += [table([*header, "later tokens", "τ later rounds"], rows), ""]
+    out += [
+        "τ: tokens per target forward (round 1: the prefill and its verification; later: one "
+        "forward per round, or per token when the target decodes alone).",
+        "",
+    ]
     out += ["## Round-1 accepted-length histogram (samples)", ""]
     out += [_curve_table(s, "accepted_length_hist", "accepted", counts=True), ""]
     out += ["## Round-1 acceptance by position", ""]

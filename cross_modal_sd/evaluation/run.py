@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from cross_modal_sd.config import register_resolvers
 from cross_modal_sd.data.sharding import resolve_shard, select_local_gpu
 from cross_modal_sd.decoding.budget import DEPLOYMENTS, Budget
-from cross_modal_sd.evaluation.e2e import resolve_max_new_tokens, run_e2e
+from cross_modal_sd.evaluation.e2e import load_head, resolve_max_new_tokens, run_e2e
 from cross_modal_sd.evaluation.offline import run_offline
 from cross_modal_sd.evaluation.outputs import log_report, make_loggers, write_outputs
 from cross_modal_sd.evaluation.sharded import evaluate_part
@@ -78,6 +78,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "`python evaluate.py ckpt=checkpoints/<run>/best_model.pt` (train.py prints its path)"
         )
     export = load_export(cfg.ckpt)
+    if export.kind == "head":
+        raise ExportError(
+            f"ckpt={cfg.ckpt} is a feature head ({export.name}); evaluate.py takes the "
+            f"cross-modal adapter as ckpt and a head as head_ckpt=<its best_model.pt>"
+        )
+    if cfg.mode == "e2e":
+        load_head(cfg.get("head_ckpt"))  # a bad head export fails before the models load
     log.info("evaluating %s (adapter %s, run %s)", export.path, export.name, export.run_name)
     out_dir = Path(cfg.output_dir)
     if cfg.mode == "offline":

@@ -49,6 +49,7 @@ REQUEST_KEYS = (
     "strategies",
     "decoding",
     "peers",
+    "head_ckpt",
 )
 
 

@@ -11,17 +11,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from cross_modal_sd.decoding import DraftPolicy, SDConfig
-from cross_modal_sd.decoding.speculative import DECODE_PHASES
 from cross_modal_sd.evaluation.report import BASELINE
 
-__all__ = ["BASELINE", "PEERS", "SD_STRATEGIES", "Strategy", "draft_policy", "parse_strategies"]
+__all__ = [
+    "BASELINE",
+    "HEAD_STRATEGIES",
+    "PEERS",
+    "SD_STRATEGIES",
+    "Strategy",
+    "draft_policy",
+    "parse_strategies",
+]
 POLICY_KINDS = ("fixed", "confidence")
+CROSS_MODAL_PHASES = ("autoregressive", "draft_model")
 PEERS = ("prompt_lookup", "assisted", "wrapper_greedy")
-# name -> (draft-length policy, decode phase; None = the phase of the `decoding` config)
-SD_STRATEGIES: dict[str, tuple[str, str | None]] = {
-    **{f"sd_{kind}": (kind, None) for kind in POLICY_KINDS},
-    **{f"sd_{kind}_{phase}": (kind, phase) for kind in POLICY_KINDS for phase in DECODE_PHASES},
+# name -> (round 1, draft-length policy, decode phase; None = the `decoding` config's phase)
+SD_STRATEGIES: dict[str, tuple[str, str, str | None]] = {
+    **{f"sd_{kind}": ("cross_modal", kind, None) for kind in POLICY_KINDS},
+    **{
+        f"sd_{kind}_{phase}": ("cross_modal", kind, phase)
+        for kind in POLICY_KINDS
+        for phase in CROSS_MODAL_PHASES
+    },
+    # A feature head on the target's own states after round 1: alone (the VLM-only baseline of
+    # EAGLE-style drafting), or after cross-modal drafts inside the prefill window (the hybrid).
+    "head": ("none", "fixed", "head"),
+    "hybrid": ("cross_modal", "fixed", "head"),
 }
+HEAD_STRATEGIES = ("head", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -55,8 +72,10 @@ def parse_strategies(
 ) -> list[Strategy]:
     """Strategies from their config names, canonicalised and de-duplicated (order kept).
 
-    ``sd_<policy>`` takes the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it. The
-    policy's settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
+    ``sd_<policy>`` takes the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it;
+    ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
+    (round 1: none, or cross-modal drafts while the target prefills). The other policies'
+    settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
     ``confidence.threshold``, ``max_drafts``).
 
     Raises:
@@ -72,14 +91,22 @@ def parse_strategies(
             raise ValueError(
                 f"unknown strategy {name!r}; known: {', '.join([*SD_STRATEGIES, *PEERS])}"
             )
-        kind, phase = SD_STRATEGIES[name]
+        round1, kind, phase = SD_STRATEGIES[name]
         phase = phase or decoding["phase"]
+        policy = draft_policy(kind, decoding)
+        if name in HEAD_STRATEGIES:  # round 1 drafts inside the prefill window; the head after
+            policy = DraftPolicy(
+                gamma="prefill",
+                decode_gamma=int(decoding.get("head_gamma", 6)),
+                max_drafts=policy.max_drafts,
+            )
         config = SDConfig(
-            policy=draft_policy(kind, decoding),
+            policy=policy,
             decode=phase,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
+            round1=round1,
         )
-        canonical = f"sd_{kind}_{phase}"
+        canonical = name if name in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
         out.setdefault(canonical, Strategy(canonical, "sd", config))
     return list(out.values())

@@ -14,13 +14,19 @@ alone (older exports, other systems' figures) give synthetic sequences (`from_ru
 accepted drafts drawn from the first-round distribution, each ending at a miss, which assumes a
 later round's ``i``-th draft behaves like round 1's ``i``-th. Where drafts after a miss follow
 the drafter's own wrong context, their confidences are taken as teacher-forced ones.
+
+A feature head (`adapters.FeatureHead`) drafts from the target's own states, which after a
+verification are exactly the teacher-forced ones; its drafts after the first feed on its own
+outputs, so its acceptance is not a per-position match but a run per start: ``head_runs[i][L]``
+is the leading run of its self-fed chain from committed length ``L + 1`` (`metrics.chains`,
+recorded at export for the same validation samples: `with_head`).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,11 +41,16 @@ class Acceptance:
             target's (the sample's answer length is the sequence's length).
         confidence: per sample, the drafter's top-1 probability at each position.
         source: where the sequences come from.
+        head_runs: per sample, a feature head's accepted run from every committed length
+            (entry ``L`` for length ``L + 1``; capped at ``head_k``), or None.
+        head_k: the longest chain the runs were scored to.
     """
 
     match: tuple[tuple[bool, ...], ...]
     confidence: tuple[tuple[float, ...], ...]
     source: str = ""
+    head_runs: tuple[tuple[int, ...], ...] | None = None
+    head_k: int = 0
 
     def __post_init__(self):
         if not self.match:
@@ -54,6 +65,48 @@ class Acceptance:
                 raise ValueError(
                     f"Acceptance: sample {i} has {len(m)} matches, {len(c)} confidences"
                 )
+
+    def with_head(self, export: Any) -> Acceptance:
+        """These samples with a feature head's runs from its export (same validation split).
+
+        Raises:
+            ValueError: the export holds no chain runs, or other samples than these.
+        """
+        val = getattr(export, "val_acceptance", None) or {}
+        where = str(getattr(export, "path", "export"))
+        if "runs" not in val:
+            raise ValueError(f"{where}: no head chain runs (val_acceptance['runs']); re-export it")
+        lengths = [int(n) for n in val["lengths"]]
+        if lengths != self.lengths:
+            raise ValueError(
+                f"{where}: its validation answers ({len(lengths)} samples) are not the adapter's "
+                f"({len(self.lengths)}): train both on the same cache and split"
+            )
+        runs = tuple(
+            tuple(int(r) for r in row[: n - 1])
+            for row, n in zip(val["runs"].tolist(), lengths, strict=True)
+        )
+        return replace(
+            self,
+            head_runs=runs,
+            head_k=int(val["k"]),
+            source=f"{self.source}; head chains of {where}",
+        )
+
+    def with_head_runs(self, hist: Sequence[float], k: int = 8, seed: int = 0) -> Acceptance:
+        """These samples with synthetic head runs: from every committed length an independent
+        run drawn from ``hist`` (P(run = r), r = 0..k), cut at the answer's end (seeded). For
+        other systems' figures and other answer lengths, where no chains were recorded."""
+        total = float(sum(hist))
+        if len(hist) != k + 1 or total <= 0 or any(h < 0 for h in hist):
+            raise ValueError(f"head run histogram needs {k + 1} non-negative bins: {list(hist)}")
+        rng = random.Random(seed)
+        weights = [h / total for h in hist]
+        runs = tuple(
+            tuple(min(rng.choices(range(k + 1), weights)[0], n - start) for start in range(1, n))
+            for n in self.lengths
+        )
+        return replace(self, head_runs=runs, head_k=k, source=f"{self.source}; synthetic head runs")
 
     @property
     def lengths(self) -> list[int]:
@@ -92,6 +145,8 @@ class Acceptance:
         """
         val = getattr(export, "val_acceptance", None)
         where = str(getattr(export, "path", "export"))
+        if val and "runs" in val:
+            raise ValueError(f"{where}: a feature head's export; pass it to `with_head`")
         if val:
             return cls.from_arrays(
                 val["match"], val["confidence"], val["lengths"], f"val split of {where}"

@@ -78,7 +78,12 @@ class CostProfile:
             the drafter takes cores of the same budget (None: ``target_prefill_ms``).
         baseline_prefill_ms / baseline_token_ms: the baseline loop's cost before and per
             further token (None: ``P_t`` / ``T_t``).
-        head_token_ms: one step of a feature-level draft head, where it runs (None: no head).
+        head_token_ms: one draft of a feature-level head where it runs (beside the target, at
+            its decode threads): one head step and the target's ``lm_head`` (None: no head).
+        solo_prefill_ms / solo_token_ms / solo_verify_points: the target's prefill, step and
+            verify points with no cross-modal drafter resident, on the baseline's cores at its
+            threads (what the head-only baseline runs on); None where they equal the SD
+            target's (``own_device``, CUDA).
         name: short label (the file stem for shipped profiles).
         source: where the numbers come from.
         meta: device, thread budget, model sizes, probe settings (free-form, JSON-ready).
@@ -98,6 +103,9 @@ class CostProfile:
     baseline_prefill_ms: float | None = None
     baseline_token_ms: float | None = None
     head_token_ms: float | None = None
+    solo_prefill_ms: float | None = None
+    solo_token_ms: float | None = None
+    solo_verify_points: tuple[tuple[int, float], ...] | None = None
     name: str = ""
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -115,6 +123,32 @@ class CostProfile:
             raise ProfileError(f"cost profile {self.name!r}: verify_points is empty")
         points = tuple((int(k), float(ms)) for k, ms in self.verify_points)
         object.__setattr__(self, "verify_points", points)
+        if self.solo_verify_points is not None:
+            solo = tuple((int(k), float(ms)) for k, ms in self.solo_verify_points)
+            object.__setattr__(self, "solo_verify_points", solo)
+
+    def solo(self) -> CostProfile:
+        """The profile of a run without the cross-modal drafter (round 1 ``none``, head
+        decoding): the target's costs on the baseline's cores where those were measured."""
+        if self.solo_token_ms is None or self.solo_prefill_ms is None:
+            return self
+        return replace(
+            self,
+            target_prefill_ms=self.solo_prefill_ms,
+            target_token_ms=self.solo_token_ms,
+            verify_points=self.solo_verify_points or self.verify_points,
+            target_prefill_shared_ms=None,
+            solo_prefill_ms=None,
+            solo_token_ms=None,
+            solo_verify_points=None,
+        )
+
+    def head_drafting_ms(self, drafts: int) -> float:
+        """A head round's drafting: its sync and each draft but the last fed back are one head
+        step each, every draft one ``lm_head`` read: ``drafts`` x `head_token_ms`."""
+        if self.head_token_ms is None:
+            raise ProfileError(f"cost profile {self.name!r}: no head_token_ms (no head probed)")
+        return drafts * self.head_token_ms
 
     @cached_property
     def verify_line(self) -> tuple[float, float]:
@@ -194,6 +228,8 @@ class CostProfile:
         """JSON-ready dict (the profile file format)."""
         d = asdict(self)
         d["verify_points"] = [list(p) for p in self.verify_points]
+        if self.solo_verify_points is not None:
+            d["solo_verify_points"] = [list(p) for p in self.solo_verify_points]
         d["meta"] = dict(self.meta)
         a, b = self.verify_line
         return {"kind": PROFILE_KIND, "format": PROFILE_FORMAT, **d, "verify_fit": [a, b]}
@@ -247,12 +283,17 @@ def mean_profile(profiles: Sequence[CostProfile]) -> CostProfile:
     values: dict[str, Any] = {}
     for f in fields(CostProfile):
         column = [getattr(p, f.name) for p in profiles]
-        if f.name == "verify_points":
+        if f.name in ("verify_points", "solo_verify_points"):
+            column = [pts for pts in column if pts is not None]
             if len({tuple(k for k, _ in pts) for pts in column}) > 1:
                 raise ValueError("mean_profile: profiles measured verify at different k")
-            values[f.name] = tuple(
-                (pts[0][0], sum(ms for _, ms in pts) / len(pts))
-                for pts in zip(*column, strict=True)
+            values[f.name] = (
+                tuple(
+                    (pts[0][0], sum(ms for _, ms in pts) / len(pts))
+                    for pts in zip(*column, strict=True)
+                )
+                if column
+                else None
             )
         elif f.type in ("float", "float | None"):
             numbers = [v for v in column if v is not None]  # a cost some runs did not measure

@@ -14,6 +14,10 @@ busy machine is part of what runs pay):
   a proposal and a feed at a time, while the target prefills back to back beside it) against each
   alone, and the drafter's prefill as round 1 pays it;
 * the round trip of one command to the drafter;
+* with a feature head: one draft of it (a head step and the target's ``lm_head``) after
+  ``context`` pairs, beside the target at its decode threads;
+* with a solo context (``shared`` on a CPU): ``P_t``, ``T_t`` and ``V(k)`` again on the
+  baseline's cores at its threads, where the head-only baseline runs (no drafter resident);
 * each baseline loop at ``baseline_lengths`` tokens (no EOS stop), a line through
   (tokens - 1, ms).
 
@@ -44,6 +48,7 @@ from cross_modal_sd.decoding import (
     DraftInputs,
     DraftRunner,
     GreedySpec,
+    HeadDrafter,
     TargetInputs,
     TargetState,
     ThreadPlan,
@@ -76,6 +81,9 @@ class ProfileModels:
         sd_context: entered around every other probe: where SD's target runs (evaluation pins
             it off the drafter's cores there).
         meta: what the models are (recorded in the profile).
+        head: a feature-head drafter (None: no head probe).
+        solo_context / solo_threads: where and at how many threads a run without the drafter
+            has the target (None: where SD's target runs; no solo probes).
     """
 
     target: TargetDecoder
@@ -85,6 +93,9 @@ class ProfileModels:
     baselines: dict[str, Callable[[GreedySpec], GenerationRecord]] = field(default_factory=dict)
     meta: dict[str, Any] | None = None
     sd_context: Callable[[], AbstractContextManager] = nullcontext
+    head: HeadDrafter | None = None
+    solo_context: Callable[[], AbstractContextManager] | None = None
+    solo_threads: int | None = None
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -199,6 +210,21 @@ def measure_profile(
         "round_trip": lambda: {"round_trip": [time_call(runner.ping, warmup=0)[1]]},
         "contention": contention,
     }
+    if models.head is not None:
+        probes["head_token"] = _head_probe(models.head, out.hidden, answer, clock)
+    if models.solo_context is not None:
+
+        def solo(fn):
+            return clock(fn, models.solo_threads)
+
+        probes["solo_prefill"] = lambda: {"solo_prefill": [solo(prefill)]}
+        probes["solo_step"] = lambda: {"solo_step": [solo(step([])) for _ in range(4)]}
+        for k in verify_drafts:
+            probes[f"solo_verify_{k}"] = lambda k=k: {
+                f"solo_verify_{k}": [
+                    solo(step(torch.randint(3, limit, (k,), generator=gen).tolist()))
+                ]
+            }
 
     def timed_loop(run, spec) -> float:
         # One untimed short run first: in an evaluation a baseline loop follows another run at
@@ -219,8 +245,13 @@ def measure_profile(
             keys = list(probes)
             order.shuffle(keys)
             for key in keys:
-                on_sd_cores = key.split("_")[0] not in models.baselines
-                with models.sd_context() if on_sd_cores else nullcontext():
+                if key.startswith("solo_"):
+                    where = models.solo_context()
+                elif key.split("_")[0] in models.baselines:
+                    where = nullcontext()  # each loop pins itself to the baseline's cores
+                else:
+                    where = models.sd_context()
+                with where:
                     measured = probes[key]()
                 for cost, ms in measured.items():
                     if i:
@@ -251,6 +282,14 @@ def measure_profile(
         target_prefill_shared_ms=shared if plan.round1 != plan.decode else None,
         baseline_prefill_ms=base_prefill,
         baseline_token_ms=base_token,
+        head_token_ms=mean.get("head_token"),
+        solo_prefill_ms=mean.get("solo_prefill"),
+        solo_token_ms=mean.get("solo_step"),
+        solo_verify_points=(
+            tuple((k, mean[f"solo_verify_{k}"]) for k in verify_drafts)
+            if "solo_step" in mean
+            else None
+        ),
         name=name,
         source=source or f"probes on {device}",
         meta={
@@ -264,6 +303,34 @@ def measure_profile(
             "baselines": lines,
         },
     )
+
+
+def _head_probe(head: HeadDrafter, sigma: torch.Tensor, answer: Sequence[int], clock, burst=6):
+    """The probe of a head draft: ``burst`` drafts back to back after ``len(answer)`` pairs
+    read (a round's drafting, each a head step and the target's ``lm_head`` read), per draft;
+    the cache rewound, untimed, before each burst."""
+    answer = list(answer)[: head.head.max_len - burst]  # room for the timed pairs
+    cache = head.head.new_cache()
+    dtype = head.head.out.weight.dtype
+    states = sigma[:, -1:].to(dtype).expand(1, len(answer), -1)  # (1, n, D): any states do
+    with torch.inference_mode():
+        head.head.step(cache, states, torch.tensor([list(answer)], device=sigma.device))
+    context = cache.length
+    first = (states[:, :1], torch.tensor([[answer[-1]]], device=sigma.device))
+
+    @torch.inference_mode()
+    def drafts():
+        pair, token = first
+        for _ in range(burst):
+            pair = head.head.step(cache, pair, token)
+            token = (pair[0, -1] @ head.weight).argmax().view(1, 1)  # as a fixed policy drafts
+        return int(token)
+
+    def probe() -> dict[str, list[float]]:
+        cache.rewind(context)
+        return {"head_token": [clock(drafts) / burst]}
+
+    return probe
 
 
 # ------------------------------------------------------------------------------ command line

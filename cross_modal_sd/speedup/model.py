@@ -11,7 +11,11 @@ For one sample (its teacher-forced ``match``/``confidence`` sequences, `acceptan
 * **Decode phase.** ``autoregressive``: one step ``T_t`` per remaining token.
   ``draft_model``: rounds of (a command to the drafter, a resync ``T_d``, drafting, a verify
   ``V(G)``), each committing the accepted drafts plus the target's token; with one token left
-  to the cap, one plain step.
+  to the cap, one plain step. ``head``: the same rounds drafted by a feature head beside the
+  target (``G`` x `CostProfile.head_token_ms`, no round trip), accepting its self-fed chain's run
+  from the committed length (`Acceptance.head_runs`).
+* **Round 1 ``none``.** The target prefills alone; with no cross-modal drafter resident, every
+  target cost is the baseline's cores' (`CostProfile.solo`).
 
 A draft is accepted while the drafts before it were and its ``match`` holds. Nothing is fitted:
 costs come from probes (`cross_modal_sd.speedup.measure`), acceptance from a validation split.
@@ -72,19 +76,43 @@ def _drafts(
     return kept, False
 
 
+def _head_drafts(policy: DraftPolicy, run: int, length: int, limit: int, n: int, eos: bool) -> int:
+    """Drafts of one head round at committed ``length`` whose chain runs ``run`` (it stops
+    after proposing the answer's EOS)."""
+    cap = min(limit, policy.round_cap(first_round=False))
+    if eos and run >= n - length:
+        return min(cap, n - length)
+    return cap
+
+
 def simulate(
-    profile: CostProfile, config: SDConfig, match: Sequence[bool], confidence: Sequence[float]
+    profile: CostProfile,
+    config: SDConfig,
+    match: Sequence[bool],
+    confidence: Sequence[float],
+    head_runs: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """The predicted quantities (`QUANTITIES`) of one sample; see the module docstring."""
-    p, policy = profile, config.policy
+    """The predicted quantities (`QUANTITIES`) of one sample; see the module docstring.
+
+    Raises:
+        ValueError: an answer longer than the cap, or ``decode="head"`` without ``head_runs``.
+    """
+    policy = config.policy
+    p = profile.solo() if config.round1 == "none" and config.decode == "head" else profile
     n, cap = len(match), config.max_new_tokens
     if n > cap:
         raise ValueError(f"an answer of {n} tokens exceeds max_new_tokens={cap}")
+    if config.decode == "head" and head_runs is None:
+        raise ValueError(
+            f"{config.name}: decode='head' needs the head's runs (Acceptance.with_head)"
+        )
     eos = n < cap
     out = dict.fromkeys(QUANTITIES, 0.0)
     fit = p.prefill_drafts()
     g, stopped = (
-        (0, False) if cap < 2 else _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
+        (0, False)
+        if cap < 2 or config.round1 == "none"
+        else _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
     )
     drafting = p.drafting_ms(g, stopped)
     round1 = p.round1_ms(drafting) if g else p.target_prefill_ms
@@ -114,16 +142,23 @@ def simulate(
             break
         g, stopped = 0, False
         if cap - length > 1:
-            g, stopped = _drafts(
-                policy, False, length, cap - length - 1, match, confidence, eos, fit
-            )
-            drafting = p.round_trip_ms + p.draft_token_ms + p.drafting_ms(g, stopped)
+            if config.decode == "head":
+                g = _head_drafts(policy, head_runs[length - 1], length, cap - length - 1, n, eos)
+                drafting = p.head_drafting_ms(g)
+            else:
+                g, stopped = _drafts(
+                    policy, False, length, cap - length - 1, match, confidence, eos, fit
+                )
+                drafting = p.round_trip_ms + p.draft_token_ms + p.drafting_ms(g, stopped)
             decode += drafting
             out["draft_ms"] += drafting
         step = p.verify_ms(g)
         decode += step
         out["verify_ms"] += step
-        a = _run(match, length, g)
+        if config.decode == "head":
+            a = min(head_runs[length - 1], g)
+        else:
+            a = _run(match, length, g)
         out["rounds"] += 1
         out["drafted"] += g
         out["accepted"] += a
@@ -140,6 +175,10 @@ def predict(
 ) -> dict[str, Any]:
     """Predicted mean quantities and speedup of one SD configuration over `acceptance`'s samples.
 
+    Raises:
+        ValueError: a head configuration drafting more per round than its chains were scored to
+            (or without them).
+
     Returns:
         ``method``; ``speedup`` (``ratio_of_means``: mean baseline over mean SD time;
         ``mean_of_ratios``); the means of ``n_tokens``, ``baseline_ms`` and every quantity of
@@ -151,9 +190,19 @@ def predict(
     longest = max(acceptance.lengths)
     if longest > config.max_new_tokens:
         config = SDConfig.from_dict({**config.to_dict(), "max_new_tokens": longest})
+    if config.decode == "head":
+        drafts = config.policy.round_cap(first_round=False)
+        if acceptance.head_runs is None:
+            raise ValueError(f"{config.name}: no head runs in the acceptance (with_head)")
+        if drafts > acceptance.head_k:
+            raise ValueError(
+                f"{config.name}: {drafts} drafts a round, but the head's chains were scored to "
+                f"{acceptance.head_k}; lower head_gamma or re-export with longer chains"
+            )
+    runs = acceptance.head_runs or [None] * len(acceptance.match)
     rows = []
-    for match, conf in zip(acceptance.match, acceptance.confidence, strict=True):
-        row = simulate(profile, config, match, conf)
+    for match, conf, head in zip(acceptance.match, acceptance.confidence, runs, strict=True):
+        row = simulate(profile, config, match, conf, head)
         rows.append({"n_tokens": len(match), "baseline_ms": profile.baseline_ms(len(match)), **row})
     means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     return {

@@ -9,10 +9,16 @@ configuration follows, with the adapters on it::
     python -m cross_modal_sd.speedup.project                      # checkpoints/*/best_model.pt, prior_rtx4090
     python -m cross_modal_sd.speedup.project --profile mini_cpu.json --tokens 20 --out outputs/projection
     python -m cross_modal_sd.speedup.project --levers             # what moves real-scale speedup
+    python -m cross_modal_sd.speedup.project --head-cost 0.05     # head-only and hybrid, a head at 5% of a step
 
 At another answer length the per-sample sequences of the export do not apply, so acceptance is
 synthesised from its accepted-length curve (`Acceptance.from_runs`), with an *oracle* stop for
 the confidence policy: every round keeps exactly the drafts the target will accept.
+
+Feature heads (`adapters.FeatureHead`) are projected as the VLM-only baseline (``head``) and the
+hybrid (cross-modal round 1, head afterwards) with head acceptance from our head exports' chain
+runs and from published figures (`PUBLISHED_HEADS`), at a head cost given as a fraction of a target
+step (the shipped real-pair profile has none measured).
 """
 
 from __future__ import annotations
@@ -44,6 +50,122 @@ class Configuration:
     label: str
     policy: DraftPolicy
     decode: str
+    round1: str = "cross_modal"
+
+
+# Published acceptance of EAGLE-style heads on 7B models at T = 0, as τ: tokens committed per
+# verification round (accepted drafts + the target's own token). Both used tree drafting of depth
+# 6 (EAGLE-2's default); read as chains of 6 drafts (`PUBLISHED_DEPTH`) they are optimistic for a
+# chain-drafting head.
+PUBLISHED_HEADS = {
+    "EAGLE-2 on LLaVA-1.6-7B, untuned (τ 2.3; ViSpec, Kang et al. 2025)": 2.3,
+    "EAGLE-2 on Vicuna-7B, text (τ 4.34; Spec-Bench, Li et al. 2024)": 4.34,
+}
+PUBLISHED_DEPTH = 6
+HEAD_K = 8  # the longest chain a head's runs are scored to (as at export)
+
+
+def head_configurations(head_gamma: int = 8, max_drafts: int = 32) -> list[Configuration]:
+    """``head`` (round 1: none) and ``hybrid`` (round 1: cross-modal drafts in the prefill window),
+    ``head_gamma`` head drafts a later round."""
+    policy = DraftPolicy(gamma="prefill", decode_gamma=head_gamma, max_drafts=max_drafts)
+    return [
+        Configuration("head", "head only", policy, "head", "none"),
+        Configuration("hybrid", "hybrid", policy, "head", "cross_modal"),
+    ]
+
+
+def head_hist_for_tau(tau: float, gamma: int, k: int = HEAD_K) -> list[float]:
+    """The run histogram (0..k) of a head whose runs are geometric and whose rounds of
+    ``gamma`` drafts commit ``tau`` tokens on average: ``E[min(R, gamma)] = tau - 1``.
+
+    Raises:
+        ValueError: ``tau`` outside ``(1, gamma + 1)``.
+    """
+    if not 1 < tau < gamma + 1:
+        raise ValueError(f"tau must lie in (1, {gamma + 1}) for {gamma} drafts a round, got {tau}")
+
+    def accepted(q: float) -> float:
+        return sum(q**r for r in range(1, gamma + 1))  # E[min(R, gamma)] = sum P(R >= r)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if accepted(mid) < tau - 1 else (lo, mid)
+    q = (lo + hi) / 2
+    return [q**r * (1 - q) for r in range(k)] + [q**k]
+
+
+def head_hist_from_export(path: str | Path, k: int = HEAD_K) -> list[float]:
+    """The histogram (0..k) of a head export's validation chain runs, over every start.
+
+    Raises:
+        ValueError: not a head export, or one without chain runs.
+    """
+    export = load_export(path)
+    runs = (export.val_acceptance or {}).get("runs")
+    if export.kind != "head" or runs is None:
+        raise ValueError(f"{path}: not a feature-head export with chain runs")
+    counts = [0] * (k + 1)
+    for r in runs.flatten().tolist():
+        if r >= 0:
+            counts[min(int(r), k)] += 1
+    return counts
+
+
+def head_projection(
+    profile: CostProfile,
+    round1: Acceptance,
+    heads: Mapping[str, Sequence[float]],
+    tokens: int = 30,
+    gammas: Sequence[int] = tuple(range(1, HEAD_K + 1)),
+) -> list[dict[str, Any]]:
+    """Predicted speedup of the head-only baseline and the hybrid per head run histogram (the
+    hybrid's round 1 from ``round1``), each at its best head drafts per round among ``gammas``
+    (how many pay depends on the verify cost's slope: ``<name>_gamma``).
+
+    Raises:
+        ProfileError: ``profile`` has no ``head_token_ms``.
+    """
+    rows = []
+    for name, hist in heads.items():
+        acc = round1.with_head_runs(hist, HEAD_K)
+        row: dict[str, Any] = {
+            "source": name,
+            "mean_run": sum(r * h for r, h in enumerate(hist)) / sum(hist),
+        }
+        for gamma in gammas:
+            for c in head_configurations(gamma):
+                config = SDConfig(c.policy, c.decode, tokens + 2, None, c.round1)
+                speedup = predict(profile, acc, config)["speedup"]["ratio_of_means"]
+                if speedup > row.get(c.name, 0.0):
+                    row[c.name], row[f"{c.name}_gamma"] = speedup, gamma
+        rows.append(row)
+    return rows
+
+
+def render_head_projection(
+    rows: Sequence[Mapping[str, Any]], profile: CostProfile, round1: str
+) -> str:
+    """Markdown of `head_projection`."""
+    body = [
+        [
+            r["source"],
+            r["mean_run"],
+            f"{r['head']:.2f} (γ {r['head_gamma']})",
+            f"{r['hybrid']:.2f} (γ {r['hybrid_gamma']})",
+        ]
+        for r in rows
+    ]
+    ratio = profile.head_token_ms / profile.target_token_ms
+    return "\n".join(
+        [
+            f"Head only and hybrid, a head draft at {ratio:.2f} of a target step, each at its "
+            f"best head drafts per round γ; the hybrid's round 1 from {round1}.",
+            "",
+            table(["head acceptance", "mean chain run (≤ 8)", "head only", "hybrid"], body),
+        ]
+    )
 
 
 def configurations(decode_gamma: int = 5, max_drafts: int = 32) -> list[Configuration]:
@@ -88,7 +210,7 @@ def project(
     """Predicted speedup (ratio of means) of each configuration for ``tokens``-token answers."""
     out = {}
     for c in configs or configurations():
-        config = SDConfig(policy=c.policy, decode=c.decode, max_new_tokens=tokens + 2)
+        config = SDConfig(c.policy, c.decode, tokens + 2, None, c.round1)
         out[c.name] = predict(profile, acceptance, config)["speedup"]["ratio_of_means"]
     return out
 
@@ -311,10 +433,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--levers", action="store_true", help="also tabulate what each lever changes"
     )
+    parser.add_argument(
+        "--head-cost",
+        type=float,
+        default=None,
+        help="a head draft's cost as a fraction of a target step (default: the profile's "
+        "head_token_ms, else 0.05: one of 32 decoder layers plus the lm_head, memory-bound)",
+    )
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
+    if args.head_cost is not None or profile.head_token_ms is None:
+        cost = 0.05 if args.head_cost is None else args.head_cost
+        profile = profile.with_(head_token_ms=cost * profile.target_token_ms)
     paths = args.exports or sorted(glob.glob(DEFAULT_EXPORTS))
-    exports = [read_export(p, args.tokens) for p in paths]
+    head_paths = [p for p in paths if load_export(p).kind == "head"]
+    exports = [read_export(p, args.tokens) for p in paths if p not in head_paths]
     rows = projection_table(exports, profile, args.tokens, default_references(args.tokens))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,11 +458,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         markdown += f"\n\n## Levers (from {what})\n\n" + render_levers(
             levers(profile, base, args.tokens)
         )
+    heads = {f"ours: {p}": head_hist_from_export(p) for p in head_paths}
+    heads |= {
+        name: head_hist_for_tau(tau, PUBLISHED_DEPTH) for name, tau in PUBLISHED_HEADS.items()
+    }
+    round1 = exports[0]["acceptance"] if exports else prior_acceptance(args.tokens)
+    round1_name = exports[0]["path"] if exports else "the prior system's 4.4 accepted drafts"
+    head_rows = head_projection(profile, round1, heads, args.tokens)
+    markdown += "\n\n## Feature heads and the hybrid\n\n" + render_head_projection(
+        head_rows, profile, round1_name
+    )
     (out / "projection.md").write_text(markdown + "\n")
     serialisable = [{k: v for k, v in r.items()} for r in rows]
     (out / "projection.json").write_text(
         json.dumps(
-            {"profile": profile.to_dict(), "tokens": args.tokens, "rows": serialisable}, indent=2
+            {
+                "profile": profile.to_dict(),
+                "tokens": args.tokens,
+                "rows": serialisable,
+                "head_rows": head_rows,
+            },
+            indent=2,
         )
         + "\n"
     )

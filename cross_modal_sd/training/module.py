@@ -1,4 +1,5 @@
-"""LightningModule that trains one adapter on hidden-state pairs (docs/design.md §9)."""
+"""LightningModule that trains one adapter (or feature head) on hidden-state pairs
+(docs/design.md §9)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from cross_modal_sd.adapters import build_adapter
 from cross_modal_sd.metrics import DEFAULT_TAUS, AlignmentMetrics
+from cross_modal_sd.metrics.chains import chain_runs
 from cross_modal_sd.metrics.offline import previous_tokens
 from cross_modal_sd.training.losses import AlignmentLoss, SplitLoss
 from cross_modal_sd.training.schedule import resolve_warmup, warmup_cosine_schedule
 
+CHAIN_K = 8  # longest self-fed chain a head's validation scores (drafts per decode round)
 DEFAULT_OPTIMIZER = {
     "lr": 1e-3,
     "weight_decay": 0.01,
@@ -75,10 +79,13 @@ class AdapterModule(L.LightningModule):
     ):
         super().__init__()
         adapter = copy.deepcopy(dict(adapter))
-        if adapter.get("fuse_tokens") and adapter.get("vocab_size") is None:
+        is_head = str(adapter.get("_target_", "")).endswith("FeatureHead")
+        if (adapter.get("fuse_tokens") or is_head) and adapter.get("vocab_size") is None:
             if lm_head_weight is None:
-                raise ValueError("adapter.fuse_tokens needs adapter.vocab_size or an lm_head")
+                raise ValueError("adapter.vocab_size is needed (or the cache's lm_head)")
             adapter["vocab_size"] = int(lm_head_weight.shape[0])
+        if is_head:
+            in_dim = out_dim  # a head reads the target's own states
         self.save_hyperparameters(
             {
                 "adapter": adapter,
@@ -98,13 +105,16 @@ class AdapterModule(L.LightningModule):
         self.loss_fn = AlignmentLoss(**self.hparams.loss)
         if self.loss_fn.needs_lm_head and lm_head_weight is None:
             raise ValueError("loss.ce_weight > 0 needs the cache's target lm_head")
-        if self.adapter.uses_tokens and prompt_last_token is None:
+        self.is_head = getattr(self.adapter, "kind", "adapter") == "head"
+        if self.adapter.uses_tokens and not self.is_head and prompt_last_token is None:
             raise ValueError(
                 "adapter.fuse_tokens needs the id of the last prompt token (the previous token of "
                 "answer position 0); the cache manifest's extra['prompt_last_token'] is missing"
             )
         self.val_metrics = AlignmentMetrics(lm_head_weight, taus, max_len, vocab_limit)
         self.val_loss = SplitLoss(self.loss_fn)
+        # Heads: the mean accepted run of self-fed chains (how decoding uses them).
+        self.val_chain = MeanMetric() if self.is_head else None
         self.val_results: dict[str, Any] = {}
         self._step_terms: dict[str, Tensor] = {}
         self._step_batches = 0
@@ -114,6 +124,19 @@ class AdapterModule(L.LightningModule):
         """(V', out_dim) float32 ``lm_head`` rows that may be drafted, or None."""
         # One copy of the (V, D) weight (0.5 GB in float32 at 32k x 4096): the metrics own it.
         return self.val_metrics.lm_head_weight
+
+    def views(self, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """``(outputs by name, target states, tokens, mask)`` the loss and metrics compare.
+
+        An adapter maps the draft's states onto the target's at the same positions. A feature
+        head reads the target's own pairs ``(σ_{i-1}, y_i)`` (the cache's ``h_target`` and
+        ``tokens``) and its output i estimates ``σ_i``: compared with the rows shifted by one.
+        """
+        if not self.is_head:
+            return self.forward_heads(batch), batch["h_target"], batch["tokens"], batch["mask"]
+        h, tokens, mask = batch["h_target"], batch["tokens"], batch["mask"]
+        pred = self.adapter(h.to(self.dtype), mask, tokens)  # (B, T, D)
+        return {"align": pred[:, :-1]}, h[:, 1:], tokens[:, 1:], mask[:, 1:]
 
     def forward_heads(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """All adapter heads on a collated batch (``align`` always; ``next`` for L5)."""
@@ -125,13 +148,7 @@ class AdapterModule(L.LightningModule):
         return self.adapter.forward_heads(h, mask, previous)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        terms = self.loss_fn(
-            self.forward_heads(batch),
-            batch["h_target"],
-            batch["tokens"],
-            batch["mask"],
-            self.lm_head,
-        )
+        terms = self.loss_fn(*self.views(batch), self.lm_head)
         # Summed over the micro-batches of one optimizer step; logged in on_before_optimizer_step.
         for name, value in terms.items():
             self._step_terms[name] = self._step_terms.get(name, 0.0) + value.detach()
@@ -160,16 +177,29 @@ class AdapterModule(L.LightningModule):
             logger.log_metrics(metrics, step=step)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        heads = self.forward_heads(batch)
-        terms = self.loss_fn(heads, batch["h_target"], batch["tokens"], batch["mask"], self.lm_head)
-        self.val_loss.update(terms, batch["mask"])
-        self.val_metrics.update(heads["align"], batch["h_target"], batch["tokens"], batch["mask"])
+        heads, target, tokens, mask = self.views(batch)
+        terms = self.loss_fn(heads, target, tokens, mask, self.lm_head)
+        self.val_loss.update(terms, mask)
+        self.val_metrics.update(heads["align"], target, tokens, mask)
+        if self.val_chain is not None:
+            runs = chain_runs(
+                self.adapter,
+                batch["h_target"],
+                batch["tokens"],
+                batch["mask"],
+                self.lm_head,
+                k=CHAIN_K,
+            )
+            self.val_chain.update(runs[runs >= 0].float())
 
     def on_validation_epoch_end(self) -> None:
         # Both metrics sum their states over ranks in compute(), so every rank logs the same
         # whole-split value (one process's, to float rounding) and no further reduction is needed.
         loss = float(self.val_loss.compute())
         scalars = {f"val/{k}": float(v) for k, v in self.val_metrics.compute().items()}
+        if self.val_chain is not None:
+            scalars["val/chain_accept_len"] = float(self.val_chain.compute())
+            self.val_chain.reset()
         curves = {f"val/{k}": v.tolist() for k, v in self.val_metrics.compute_curves().items()}
         self.val_metrics.reset()
         self.val_loss.reset()

@@ -27,11 +27,13 @@ from cross_modal_sd.exports import (
     check_dims,
     export_run,
     load_export,
+    tensor_digest,
 )
+from cross_modal_sd.metrics.chains import chain_arrays
 from cross_modal_sd.metrics.offline import acceptance_arrays, offline_metrics
 from cross_modal_sd.training.callbacks import WandbValCurves
 from cross_modal_sd.training.checkpoints import adapter_from_checkpoint, load_checkpoint
-from cross_modal_sd.training.module import AdapterModule
+from cross_modal_sd.training.module import CHAIN_K, AdapterModule
 from cross_modal_sd.utils import finish_wandb, instantiate_group
 
 log = logging.getLogger(__name__)
@@ -266,16 +268,23 @@ def _export(
         manifest = datamodule.cache.manifest
         models = {key: manifest[key] for key in ("draft_model", "target_model")}
         # The speedup model replays SD over these (docs/design.md §13): every val sample's
-        # teacher-forced acceptance under the exported (best) adapter.
-        _, rows = offline_metrics(
-            adapter,
-            datamodule.cache,
-            datamodule.splits["val"],
-            datamodule.lm_head_weight(),
-            vocab_limit=manifest.get("vocab_limit"),
-            max_len=module.hparams.max_len,
-            prompt_last_token=module.hparams.prompt_last_token,
-        )
+        # teacher-forced acceptance under the exported (best) adapter, or a head's chains.
+        lm_head, limit = datamodule.lm_head_weight(), manifest.get("vocab_limit")
+        if module.is_head:
+            acceptance = chain_arrays(
+                adapter, datamodule.cache, datamodule.splits["val"], lm_head, limit, CHAIN_K
+            )
+        else:
+            _, rows = offline_metrics(
+                adapter,
+                datamodule.cache,
+                datamodule.splits["val"],
+                lm_head,
+                vocab_limit=limit,
+                max_len=module.hparams.max_len,
+                prompt_last_token=module.hparams.prompt_last_token,
+            )
+            acceptance = acceptance_arrays(rows)
         export_run(
             export_dir,
             adapter,
@@ -283,7 +292,8 @@ def _export(
             datamodule.manifest_digest,
             summary,
             models,
-            acceptance_arrays(rows),
+            acceptance,
+            lm_head_digest=tensor_digest(lm_head),
         )
         best = summary["best"]
         log.info(

@@ -1,0 +1,157 @@
+"""Drafting with a feature-level head (`adapters.FeatureHead`) on the target's own states.
+
+The head runs beside the target, in its process (it reads the target's states). A round:
+
+1. *sync*: the head's cache keeps the pairs it read from true states and reads the pairs of the
+   answer committed since, ``(σ_{i-1}, y_i)``, in one step (their states come from the target's
+   prefill and verification forwards: `speculative.verify` returns them);
+2. *draft*: its last output, read by the target's ``lm_head``, is the first draft; each draft
+   and the output it came from are fed back for the next, as `drafters.propose` does for a draft
+   model: a fixed number per round, or while the top-1 probability stays at the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cross_modal_sd.adapters.head import FeatureHead, HeadCache
+from cross_modal_sd.decoding.drafters import DraftPolicy, Proposal
+from cross_modal_sd.models.wrappers import MaskedHead
+
+
+@dataclass
+class HeadState:
+    """The head between rounds: its cache, the answer tokens whose pairs it read from true
+    states (``true``), and the output of its last pair (the next draft's source)."""
+
+    cache: HeadCache
+    true: list[int] = field(default_factory=list)
+    last: torch.Tensor | None = None
+
+
+class HeadDrafter:
+    """Proposes drafts from a `FeatureHead` through the target's masked ``lm_head``.
+
+    Args:
+        head: the trained head (eval mode, on the target's device).
+        target_head: the target's `MaskedHead`.
+    """
+
+    def __init__(self, head: FeatureHead, target_head: MaskedHead):
+        self.head = head
+        self.target_head = target_head
+        # The lm_head rows of valid ids, transposed to (D, V'): one vector-matrix product and an
+        # argmax a draft, where the masked head's cast, mask and copy would cost as much again.
+        with torch.no_grad():
+            weight = target_head.lm_head.weight[: target_head.vocab_limit]
+            self.weight = weight.t().contiguous().to(head.out.weight.dtype)
+
+    def start(self) -> HeadState:
+        return HeadState(self.head.new_cache())
+
+    @torch.inference_mode()
+    def sync(self, state: HeadState, answer: Sequence[int], sigma: torch.Tensor) -> HeadState:
+        """Brings the head onto the committed ``answer``.
+
+        Args:
+            state: the head's state (its cache is updated in place).
+            answer: the committed answer ``y_0 .. y_{m-1}``.
+            sigma: (1, m, D) the target's true states ``σ_{-1} .. σ_{m-2}`` (pair i's state is
+                ``sigma[:, i]``).
+        """
+        m = len(answer)
+        keep = 0
+        while keep < min(len(state.true), m) and state.true[keep] == answer[keep]:
+            keep += 1
+        state.cache.rewind(keep)  # also drops the pairs it read from its own outputs
+        if keep < m:
+            dtype = self.head.out.weight.dtype
+            ids = torch.tensor([list(answer[keep:])], device=sigma.device)
+            out = self.head.step(state.cache, sigma[:, keep:m].to(dtype), ids)  # (1, m - keep, D)
+            state.last = out[:, -1:]
+        return HeadState(state.cache, list(answer), state.last)
+
+    @torch.inference_mode()
+    def propose(
+        self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
+    ) -> tuple[HeadState, Proposal]:
+        """One round of drafts from a synced state (at most ``limit``); fed back but the last."""
+        tokens: list[int] = []
+        confidences: list[float] = []
+        cap = min(limit, policy.round_cap(first_round=False))
+        last = state.last
+        while len(tokens) < cap:
+            logits = last[0, -1] @ self.weight  # (V',)
+            if policy.kind == "confidence":
+                probability, best = logits.softmax(dim=-1).max(dim=-1)
+                confidence = float(probability)
+            else:  # a fixed policy never reads it: no softmax over the vocabulary
+                best, confidence = logits.argmax(), float("nan")
+            token = int(best)
+            if policy.drops(len(tokens), confidence):
+                break
+            tokens.append(token)
+            confidences.append(confidence)
+            if len(tokens) == cap or token == eos_token_id:
+                break
+            # its own estimate and its own draft (the argmax tensor itself: no new tensor)
+            last = self.head.step(state.cache, last, best.view(1, 1))
+        return HeadState(state.cache, state.true, last), Proposal(tokens, confidences)
+
+
+class ScriptedHead:
+    """Test head that proposes a known answer, right or wrong at chosen positions (as
+    `drafters.ScriptedDrafter` does for cross-modal drafts).
+
+    Its `sync` checks the loop's bookkeeping: one target state per committed token.
+
+    Args:
+        reference: the answer to copy (e.g. the target's greedy output).
+        vocab_limit: wrong tokens are drawn below this id.
+        correct_upto: first position proposed wrong for good (None: never).
+        wrong_at: further positions proposed wrong.
+        confidence: top-1 probability reported for every draft.
+    """
+
+    def __init__(
+        self,
+        reference: Sequence[int],
+        vocab_limit: int,
+        correct_upto: int | None = None,
+        wrong_at: Sequence[int] = (),
+        confidence: float = 1.0,
+    ):
+        self.reference = list(reference)
+        self.vocab_limit = vocab_limit
+        self.correct_upto = correct_upto
+        self.wrong_at = set(wrong_at)
+        self.confidence = confidence
+        self.synced: list[int] = []  # answer length at every sync (what tests inspect)
+
+    def start(self) -> HeadState:
+        return HeadState(cache=None)
+
+    def sync(self, state: HeadState, answer: Sequence[int], sigma: torch.Tensor) -> HeadState:
+        if sigma.shape[1] < len(answer):
+            raise ValueError(f"{sigma.shape[1]} target states for {len(answer)} answer tokens")
+        self.synced.append(len(answer))
+        return HeadState(None, list(answer))
+
+    def propose(
+        self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
+    ) -> tuple[HeadState, Proposal]:
+        tokens: list[int] = []
+        cap = min(limit, policy.round_cap(first_round=False))
+        while len(tokens) < cap:
+            if policy.drops(len(tokens), self.confidence):
+                break
+            k = len(state.true) + len(tokens)
+            right = self.reference[k] if k < len(self.reference) else 0
+            wrong = (self.correct_upto is not None and k >= self.correct_upto) or k in self.wrong_at
+            tokens.append((right + 1) % self.vocab_limit if wrong else right)
+            if tokens[-1] == eos_token_id:
+                break
+        return state, Proposal(tokens, [self.confidence] * len(tokens))

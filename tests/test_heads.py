@@ -1,0 +1,243 @@
+"""The feature-level draft head: its cache against recomputation, head-only and hybrid SD against
+the target's greedy `generate` (scripted and trained heads), and chain acceptance by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_speculative import MAX_NEW, N_SAMPLES, World
+
+from cross_modal_sd.adapters import FeatureHead
+from cross_modal_sd.decoding import (
+    DraftPolicy,
+    HeadDrafter,
+    ScriptedDrafter,
+    ScriptedHead,
+    SDConfig,
+    speculative_generate,
+    thread_budget,
+)
+from cross_modal_sd.metrics.chains import chain_runs
+
+DIM = 128  # the test world's decoder width
+
+
+def small_head(**kw) -> FeatureHead:
+    torch.manual_seed(3)
+    return FeatureHead(DIM, DIM, "H1", vocab_size=kw.pop("vocab_size", 64), **kw).eval()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_step_over_chunks_equals_forward(layers):
+    head = small_head(layers=layers)
+    h, tokens = torch.randn(1, 11, DIM), torch.randint(0, 64, (1, 11))
+    with torch.no_grad():
+        whole = head(h, None, tokens)
+        cache = head.new_cache()
+        parts = [head.step(cache, h[:, a:b], tokens[:, a:b]) for a, b in ((0, 4), (4, 5), (5, 11))]
+    assert cache.length == 11
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_rewind_then_step_equals_recompute():
+    head = small_head(layers=2)
+    h, tokens = torch.randn(1, 9, DIM), torch.randint(0, 64, (1, 9))
+    other_h, other_t = torch.randn(1, 3, DIM), torch.randint(0, 64, (1, 3))
+    with torch.no_grad():
+        cache = head.new_cache()
+        head.step(cache, h[:, :6], tokens[:, :6])
+        head.step(cache, other_h, other_t)  # self-fed pairs a verification rejects
+        cache.rewind(6)
+        resumed = head.step(cache, h[:, 6:], tokens[:, 6:])
+        fresh = head(h, None, tokens)[:, 6:]
+    torch.testing.assert_close(resumed, fresh, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot rewind a head cache of 9 positions to 10"):
+        cache.rewind(10)
+
+
+def test_padding_does_not_leak_into_valid_positions():
+    head = small_head()
+    h, tokens = torch.randn(2, 7, DIM), torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    with torch.no_grad():
+        out = head(h, mask, tokens)
+        alone = head(h[1:, :4], None, tokens[1:, :4])
+    torch.testing.assert_close(out[1, :4], alone[0], atol=1e-5, rtol=1e-5)
+    assert out[1, 4:].abs().sum() == 0
+
+
+def test_bad_head_settings_are_named():
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        FeatureHead(DIM, DIM)
+    with pytest.raises(ValueError, match="in_dim 64 != 128"):
+        FeatureHead(64, DIM, vocab_size=10)
+    with pytest.raises(ValueError, match="not a multiple of heads=3"):
+        FeatureHead(DIM, DIM, vocab_size=10, heads=3)
+    head = small_head(max_len=8)
+    with pytest.raises(ValueError, match="position 9 past max_len=8"):
+        head(torch.randn(1, 9, DIM), None, torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_chain_runs_by_hand():
+    """A head that always outputs the state whose lm_head row is token ``c``: from every start
+    its chain drafts c, c, c, ...; the runs are the leading c's of the answer after it."""
+
+    class Constant(torch.nn.Module):
+        def __init__(self, state):
+            super().__init__()
+            self.state = torch.nn.Parameter(state)
+
+        def forward(self, h, mask, tokens):
+            return self.state.expand(h.shape[0], h.shape[1], -1)
+
+    weight = torch.eye(6, 4)  # token i reads state dim i (i < 4)
+    c = 2
+    tokens = torch.tensor([[5, 2, 2, 1, 2, 2], [2, 2, 2, 2, 0, 0]])
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    runs = chain_runs(Constant(weight[c]), torch.zeros(2, 6, 4), tokens, mask, weight, k=3)
+    # runs[b, L]: drafts for y_{L+1}.. (k = 3 at most); -1 where the answer ends at L.
+    assert runs.tolist() == [[2, 1, 0, 2, 1, -1], [3, 2, 1, -1, -1, -1]]
+    limited = chain_runs(Constant(weight[c]), torch.zeros(2, 6, 4), tokens, mask, weight, 2, 3)
+    assert limited.tolist() == [[0, 0, 0, 0, 0, -1], [0, 0, 0, -1, -1, -1]]  # c=2 never drafted
+
+
+# --- in the SD loop -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world():
+    with thread_budget(1):
+        yield World()
+
+
+def teacher_forced(world: World, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's states ``σ_{-1} .. σ_{n-2}`` (1, n, D) and its greedy answer (1, n)."""
+    answer = world.reference[i]
+    t_in, _ = world.inputs(i)
+    with torch.inference_mode():
+        out = world.target.prefill(t_in.input_ids, t_in.pixel_values_videos)
+        rest = world.target.forward_tokens(torch.tensor([answer[:-1]]), out.cache).hidden
+    return torch.cat([out.hidden, rest], dim=1).clone(), torch.tensor([answer])
+
+
+@pytest.fixture(scope="module")
+def trained_head(world):
+    """An H1-sized head fitted to the target's own states on the first 16 samples: it accepts
+    long runs there and fewer elsewhere (partial acceptance through the real head)."""
+    data = [teacher_forced(world, i) for i in range(16)]
+    weight = world.target.lm_head_weight.detach()
+    torch.manual_seed(0)
+    head = FeatureHead(DIM, DIM, "H1", vocab_size=weight.shape[0], max_len=MAX_NEW + 4)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    with thread_budget(1):
+        for step in range(250):
+            h, tokens = data[step % len(data)]
+            pred = head(h, None, tokens)[:, :-1]
+            logits = pred @ weight.T
+            loss = F.mse_loss(pred, h[:, 1:]) + F.cross_entropy(logits[0], tokens[0, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+def _check(world, result, i):
+    assert result.tokens == world.reference[i]
+    assert sum(result.committed) == len(result.tokens)
+    assert len(result.committed) == result.rounds == len(result.drafted) == len(result.accepted)
+    assert all(a <= d for a, d in zip(result.accepted, result.drafted, strict=True))
+
+
+@pytest.mark.parametrize("round1", ["none", "cross_modal"])
+@pytest.mark.parametrize(
+    "script, expect",
+    [({}, "all"), ({"correct_upto": 0}, "none"), ({"wrong_at": (3, 4, 9)}, "partial")],
+)
+def test_scripted_head_sd_equals_greedy(world, round1, script, expect):
+    policy = DraftPolicy(gamma=4)
+    config = world.config(policy, decode="head", round1=round1)
+    drafter = None if round1 == "none" else ScriptedDrafter(world.reference[0], world.limit)
+    for i, reference in enumerate(world.reference):
+        head = ScriptedHead(reference, world.limit, **script)
+        if drafter is not None:
+            drafter = ScriptedDrafter(reference, world.limit, correct_upto=2)
+        result = speculative_generate(world.target, drafter, *world.inputs(i), config, head=head)
+        _check(world, result, i)
+        later = list(zip(result.drafted[1:], result.accepted[1:], strict=True))
+        if expect == "all":  # every later round accepts all it drafted, and drafts as capped
+            assert all(a == d for d, a in later)
+        elif expect == "none":
+            assert all(a == 0 for _, a in later) and set(result.committed[1:]) <= {1}
+        if round1 == "none":
+            assert result.drafted[0] == result.accepted[0] == 0 and result.committed[0] == 1
+        # the head syncs once per later round with room for a draft, at the answer's length
+        lengths = [sum(result.committed[:r]) for r in range(1, len(later) + 1)]
+        assert head.synced == [n for n in lengths if MAX_NEW - n > 1]
+
+
+def test_head_rounds_commit_accepted_plus_one(world):
+    i = next(i for i, r in enumerate(world.reference) if len(r) == MAX_NEW)
+    head = ScriptedHead(world.reference[i], world.limit, wrong_at=(6,))
+    config = world.config(DraftPolicy(gamma=4), decode="head", round1="none")
+    result = speculative_generate(world.target, None, *world.inputs(i), config, head=head)
+    # round 1: t0 alone; drafts for 1..4 (right) + the target's 5; drafts 6.. (6 wrong)
+    assert result.committed[:3] == [1, 5, 1]
+    assert result.accepted[:3] == [0, 4, 0]
+    assert result.tokens == world.reference[i]
+
+
+def test_trained_head_is_lossless_with_partial_acceptance(world, trained_head):
+    head = HeadDrafter(trained_head, world.target.head)
+    accepted = []
+    for round1 in ("none", "cross_modal"):
+        config = world.config(DraftPolicy(gamma=5), decode="head", round1=round1)
+        for i in range(N_SAMPLES):
+            drafter = world.adapter_drafter("L1") if round1 == "cross_modal" else None
+            result = speculative_generate(
+                world.target, drafter, *world.inputs(i), config, head=head
+            )
+            _check(world, result, i)
+            accepted += result.accepted[1:]
+    # Real acceptance: long runs on the samples it was fitted to, misses elsewhere.
+    assert max(accepted) == 5 and 0 in accepted and any(0 < a < 5 for a in accepted)
+
+
+def test_chain_runs_predict_head_rounds(world, trained_head):
+    """A head round at answer length L accepts min(runs[L - 1], drafts): the chain metric is
+    what decoding does (teacher-forced pairs equal the loop's true pairs)."""
+    weight = world.target.lm_head_weight.detach()
+    gamma = 4
+    config = world.config(DraftPolicy(gamma=gamma), decode="head", round1="none")
+    head = HeadDrafter(trained_head, world.target.head)
+    for i in range(6):
+        h, tokens = teacher_forced(world, i)
+        runs = chain_runs(
+            trained_head,
+            h,
+            tokens,
+            torch.ones_like(tokens, dtype=torch.bool),
+            weight,
+            world.limit,
+            k=gamma,
+        )[0]
+        result = speculative_generate(world.target, None, *world.inputs(i), config, head=head)
+        length = 1
+        for drafted, accepted, committed in zip(
+            result.drafted[1:], result.accepted[1:], result.committed[1:], strict=True
+        ):
+            assert accepted == min(int(runs[length - 1]), drafted)
+            length += committed
+
+
+def test_configurations_without_their_drafters_are_refused(world):
+    t_in, d_in = world.inputs(0)
+    with pytest.raises(ValueError, match="needs a HeadDrafter"):
+        speculative_generate(
+            world.target, None, t_in, d_in, world.config(decode="head", round1="none")
+        )
+    with pytest.raises(ValueError, match="needs a cross-modal drafter"):
+        speculative_generate(world.target, None, t_in, d_in, world.config(decode="head"))
+    with pytest.raises(ValueError, match="round1 must be one of"):
+        SDConfig(round1="eagle")
