@@ -97,7 +97,7 @@ def parse_strategies(
         if name in HEAD_STRATEGIES:  # round 1 drafts inside the prefill window; the head after
             policy = DraftPolicy(
                 gamma="prefill",
-                decode_gamma=int(decoding.get("head_gamma", 6)),
+                decode_gamma=int(decoding.get("head_gamma", 8)),
                 max_drafts=policy.max_drafts,
             )
         config = SDConfig(
