@@ -174,6 +174,28 @@ def _e2e_run(folder: Path, deployment: str, strategies: dict, mtime: float) -> P
     return path
 
 
+def _regime_row(regime, share, deployment, strategy, speedup, predicted) -> dict:
+    return {
+        "regime": regime,
+        "deployment": deployment,
+        "strategy": strategy,
+        "baseline": "greedy_loop",
+        "speedup": speedup,
+        "ci95": [speedup - 0.05, speedup + 0.05],
+        "repeats": [speedup - 0.01, speedup + 0.01],
+        "predicted": predicted,
+        "tau": 3.0,
+        "tau_later": 4.0,
+        "round1_tokens": 5.0,
+        "lossless_rate": 1.0,
+        "prefill_share": share,
+        "draft_prefill_ratio": 0.3,
+        "draft_token_ratio": 0.7,
+        "head_token_ratio": 0.1,
+        "contention": 1.0,
+    }
+
+
 def test_accept_vs_speedup_on_exports_and_an_e2e_evaluation(tmp_path, monkeypatch):
     good = _export(tmp_path / "checkpoints", "L1-good", [1, 2, 3, 4], 2.1, [True] * 3 + [False])
     _export(tmp_path / "checkpoints", "L1-poor", [6, 3, 1, 0], 0.5, [False, True, False, True])
@@ -187,6 +209,15 @@ def test_accept_vs_speedup_on_exports_and_an_e2e_evaluation(tmp_path, monkeypatc
     )
     for i, (deployment, strategies) in enumerate(NEWEST.items()):
         _e2e_run(evaluations / "20260102-000000", deployment, strategies, 1e9 + 200 - 100 * i)
+    bench = tmp_path / "outputs" / "bench_regimes"
+    bench.mkdir(parents=True)
+    rows = [
+        _regime_row(regime, share, deployment, strategy, 1.0 + share + k / 10, 1.05 + share)
+        for regime, share in (("reference", 0.43), ("p15", 0.15))
+        for deployment in ("shared", "own_device")
+        for k, strategy in enumerate(("sd_fixed_autoregressive", "head", "hybrid"))
+    ]
+    (bench / "regimes.json").write_text(json.dumps({"command": "make bench", "rows": rows}))
     book = _execute(
         "accept_vs_speedup.ipynb",
         {
@@ -194,11 +225,15 @@ def test_accept_vs_speedup_on_exports_and_an_e2e_evaluation(tmp_path, monkeypatc
             "CMSD_EXPORTS": "checkpoints/*/best_model.pt",
             "CMSD_E2E_RUN": None,  # the newest outputs/evaluate/*/<deployment>/
             "CMSD_TOKENS": "30",
+            "CMSD_REGIMES": None,  # outputs/bench_regimes/regimes.json
         },
         monkeypatch,
         cwd=tmp_path,
     )
     text = _texts(book)
+    # The regime table: every (regime, deployment, strategy) with its interval and prediction.
+    assert "| reference (0.43) | own_device | hybrid | 1.630 [1.580, 1.680] |" in text
+    assert "| p15 (0.15) | shared | head | 1.250 [1.200, 1.300] |" in text
     assert "| L1 | L1-good |" in text and "| L1 | L1-poor |" in text  # the projection table
     # Levers from the first export's acceptance.
     expected = levers(load_profile("prior_rtx4090"), read_export(good, 30)["acceptance"], 30)
@@ -216,7 +251,7 @@ def test_accept_vs_speedup_on_exports_and_an_e2e_evaluation(tmp_path, monkeypatc
     shared = "| mini | shared | sd_confidence_draft_model | 0.700 [0.650, 0.750] | 0.770 | +10.0% |"
     assert shared in both and shared not in mine
     assert "0.800 [0.700, 0.900]" not in text
-    assert _images(book) == 2  # the curves, and measured against predicted
+    assert _images(book) == 3  # the curves, measured against predicted, and the regimes
 
 
 def _sweep_run(sweep: Path, name: str, adapter: str, epochs: int) -> Path:

@@ -649,6 +649,9 @@ def test_measure_command_writes_a_loadable_profile(tmp_path):
     p = load_profile(out)
     assert p.target_prefill_ms > 0 and p.draft_token_ms > 0 and p.round_trip_ms > 0
     assert p.meta["budget"]["deployment"] == "shared" and p.baseline_token_ms > 0
+    # The default H1 head is probed beside the target, and (shared) the solo target costs.
+    assert p.head_token_ms > 0 and p.meta["head"] == "H1"
+    assert p.solo_token_ms > 0 and len(p.solo_verify_points) == len(p.verify_points)
 
 
 def test_greedy_spec_without_eos_runs_to_the_cap():

@@ -5,8 +5,9 @@ Every method gets the budget's cores (`decoding.budget`). The two baseline loops
 ``generate`` and the lean greedy ``loop`` over the same decoder calls SD makes, each run at the
 thread count that makes it fastest (chosen on the first sample); the report's baseline is the
 faster of the two over all samples, and every speedup is also given against ``generate``. On
-each sample all methods run back to back, their order rotating from sample to sample (drift and
-cache effects hit every method alike), after untimed warm-up runs; every output is compared token
+each sample all methods run back to back in a fresh seeded shuffle (drift, cache effects and what
+the previous run left idle or busy hit every method alike: a fixed rotation would always give a
+method the same predecessor), after untimed warm-up runs; every output is compared token
 for token with ``generate``'s. The speedup model's cost profile is measured by probes before and
 after the timing loop, and its prediction, from those costs and the export's validation
 acceptance, stands beside every measured speedup.
@@ -15,6 +16,7 @@ acceptance, stands beside every measured speedup.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -347,12 +349,12 @@ def time_samples(
         )
         with thread_budget(threads["loop"]):
             profiles = [_profile(profile_models, methods.plan, warnings)] if setup.profile else []
-        for i, sample in enumerate(
-            tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample")
-        ):
+        shuffle = random.Random(0)
+        for sample in tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample"):
             t_in, d_in = _inputs(sample, pair, device)
-            k = i % len(order)
-            runs = {m.name: methods(m, t_in, d_in) for m in order[k:] + order[:k]}
+            shuffled = order[:]
+            shuffle.shuffle(shuffled)
+            runs = {m.name: methods(m, t_in, d_in) for m in shuffled}
             reference = runs["generate"]
             for record in runs.values():
                 record["lossless"] = record["tokens"] == reference["tokens"]
@@ -467,7 +469,7 @@ def summarize_e2e(
         "max_new_tokens": setup.max_new,
         "warmup": setup.warmup,
         "device": str(setup.device),
-        "order": "interleaved per sample, rotating",
+        "order": "interleaved per sample, shuffled (seeded)",
         "strategies": {s.name: (s.sd.name if s.sd else s.name) for s in strategies},
         "events_blank_samples": blank,
     }

@@ -215,6 +215,9 @@ def measure_profile(
     if models.solo_context is not None:
 
         def solo(fn):
+            # One untimed call first, as for the baselines' probes: in a run the target switches
+            # to these cores and threads once, not before every forward.
+            clock(fn, models.solo_threads)
             return clock(fn, models.solo_threads)
 
         probes["solo_prefill"] = lambda: {"solo_prefill": [solo(prefill)]}
@@ -336,9 +339,16 @@ def _head_probe(head: HeadDrafter, sigma: torch.Tensor, answer: Sequence[int], c
 # ------------------------------------------------------------------------------ command line
 
 
-def random_models(world_cfg: dict, adapter_cfg: dict, device: str, question: str, seed: int = 0):
+def random_models(
+    world_cfg: dict,
+    adapter_cfg: dict,
+    device: str,
+    question: str,
+    seed: int = 0,
+    head_cfg: dict | None = None,
+):
     """Randomly initialised models of a mini world's sizes with one question's inputs:
-    ``(target, AdapterDrafter, TargetInputs, DraftInputs, meta)``."""
+    ``(target, AdapterDrafter, TargetInputs, DraftInputs, meta, HeadDrafter or None)``."""
     from cross_modal_sd.adapters import build_adapter
     from cross_modal_sd.models.architectures import build_draft, build_target
     from cross_modal_sd.models.prompts import encode_draft_prompt, encode_target_prompt
@@ -377,7 +387,13 @@ def random_models(world_cfg: dict, adapter_cfg: dict, device: str, question: str
         "adapter": adapter_cfg.get("name"),
     }
     drafter = AdapterDrafter(draft, adapter.to(dev).eval(), target.head)
-    return target, drafter, t_in, d_in, meta
+    head = None
+    if head_cfg:
+        hidden = world.target_decoder.hidden
+        cfg = {**head_cfg, "vocab_size": int(target.lm_head_weight.shape[0])}
+        head = HeadDrafter(build_adapter(cfg, hidden, hidden).to(dev).eval(), target.head)
+        meta["head"] = head_cfg.get("name")
+    return target, drafter, t_in, d_in, meta, head
 
 
 @hydra.main(config_path="../../conf", config_name="measure", version_base="1.3")
@@ -386,11 +402,13 @@ def _main(cfg: DictConfig) -> None:
     from cross_modal_sd.decoding.budget import Budget
 
     budget = Budget(int(cfg.cores), cfg.deployment, int(cfg.draft_cores), cfg.device)
-    target, drafter, t_in, d_in, meta = random_models(
+    head_cfg = cfg.get("head")
+    target, drafter, t_in, d_in, meta, head = random_models(
         OmegaConf.to_container(cfg.models.world, resolve=True),
         OmegaConf.to_container(cfg.adapter, resolve=True),
         cfg.device,
         cfg.question,
+        head_cfg=OmegaConf.to_container(head_cfg, resolve=True) if head_cfg else None,
     )
     decode = int(cfg.threads or len(budget.target_cores))
     with budget.pinned(), budget.runner(drafter) as runner:
@@ -401,6 +419,14 @@ def _main(cfg: DictConfig) -> None:
             d_in,
             baselines={"loop": lambda spec: wrapper_greedy(target, t_in, spec, warmup=0)},
             meta={**meta, "budget": budget.to_dict()},
+            sd_context=lambda: budget.pinned(budget.sd_cores),
+            head=head,
+            solo_context=(
+                (lambda: budget.pinned(budget.target_cores))
+                if head is not None and budget.target_cores != budget.sd_cores
+                else None
+            ),
+            solo_threads=decode,
         )
         with thread_budget(decode):
             profile = measure_profile(
