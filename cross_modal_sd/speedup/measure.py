@@ -178,9 +178,12 @@ def measure_profile(
     def contention() -> dict[str, list[float]]:
         # A stand-in for round 1, started as round 1 starts (the drafter idle until then): the
         # drafter prefills, then feeds tokens back to back, while the target prefills back to
-        # back beside it, at round 1's threads.
-        alone = clock(prefill, plan.round1)
-        span = 4 * alone + 20.0
+        # back beside it, at round 1's threads. The slowdown compares like with like: prefills
+        # back to back beside it against prefills back to back alone just before (a single
+        # prefill after other probes is slower than one after another prefill; that cold cost
+        # is P_t' itself, which the slowdown then scales).
+        alone = [clock(prefill, plan.round1) for _ in range(3)][1:]
+        span = 4 * alone[-1] + 20.0
         runner.start_busy(d_in, span)
         beside, end = [], time.perf_counter() + span / 2000
         while time.perf_counter() < end or not beside:
@@ -188,6 +191,7 @@ def measure_profile(
         cold, *steps = runner.finish_busy()
         return {
             "prefill_beside": beside,
+            "prefill_alone": alone,
             "draft_prefill_round1": [cold],
             "draft_step_beside": steps[1:-1] or steps,
         }
@@ -278,7 +282,7 @@ def measure_profile(
         draft_prefill_ms=mean["draft_prefill"],
         draft_token_ms=mean["draft_feed"],
         adapter_ms=mean["adapter"],
-        target_contention=mean["prefill_beside"] / shared,
+        target_contention=mean["prefill_beside"] / mean["prefill_alone"],
         draft_contention=mean["draft_step_beside"] / (mean["draft_feed"] + mean["adapter"]),
         round_trip_ms=mean["round_trip"],
         draft_prefill_round1_ms=mean["draft_prefill_round1"],
