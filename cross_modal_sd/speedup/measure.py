@@ -219,12 +219,12 @@ def measure_profile(
     if models.solo_context is not None:
 
         def solo(fn):
-            # One untimed call first, as for the baselines' probes: in a run the target switches
-            # to these cores and threads once, not before every forward.
+            # One untimed call first: in a run the target switches to these cores and threads
+            # once, at its prefill (probed cold below), not before every later forward.
             clock(fn, models.solo_threads)
             return clock(fn, models.solo_threads)
 
-        probes["solo_prefill"] = lambda: {"solo_prefill": [solo(prefill)]}
+        probes["solo_prefill"] = lambda: {"solo_prefill": [clock(prefill, models.solo_threads)]}
         probes["solo_step"] = lambda: {"solo_step": [solo(step([])) for _ in range(4)]}
         for k in verify_drafts:
             probes[f"solo_verify_{k}"] = lambda k=k: {
@@ -234,9 +234,8 @@ def measure_profile(
             }
 
     def timed_loop(run, spec) -> float:
-        # One untimed short run first: in an evaluation a baseline loop follows another run at
-        # its thread count (methods rotate), not a probe at another one.
-        run(GreedySpec(2, limit, None))
+        # No warm-up: in an evaluation a baseline run follows a random other method (the order
+        # is shuffled per sample), as a probe follows a random other probe here.
         return run(spec).total_ms
 
     for loop, run in models.baselines.items():
