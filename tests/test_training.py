@@ -40,6 +40,22 @@ ALIGNED_DIMS = (32, 48)  # (draft_dim, target_dim) of the aligned toy cache
 ALIGNED_VOCAB = 50
 
 
+def toy_manifest(draft_dim: int, target_dim: int, max_len: int, vocab: int) -> dict:
+    """The manifest fields of a hand-built teacher-forced cache."""
+    return {
+        "pairing": "teacher_forced",
+        "draft_model": "toy/draft",
+        "target_model": "toy/target",
+        "draft_prompt_template": "{question}",
+        "target_prompt_template": "{question}",
+        "draft_dim": draft_dim,
+        "target_dim": target_dim,
+        "dtype": "float32",
+        "max_new_tokens": max_len,
+        "vocab_limit": vocab,
+    }
+
+
 def write_aligned_cache(
     root: Path,
     n_groups: int = 40,
@@ -63,18 +79,7 @@ def write_aligned_cache(
     w_in = torch.randn(draft_dim, 64, generator=gen) / draft_dim**0.5
     w_out = torch.randn(64, target_dim, generator=gen) / 8.0
     lm_head = torch.randn(vocab, target_dim, generator=gen)
-    meta = {
-        "pairing": "teacher_forced",
-        "draft_model": "toy/draft",
-        "target_model": "toy/target",
-        "draft_prompt_template": "{question}",
-        "target_prompt_template": "{question}",
-        "draft_dim": draft_dim,
-        "target_dim": target_dim,
-        "dtype": "float32",
-        "max_new_tokens": max_len,
-        "vocab_limit": vocab,
-    }
+    meta = toy_manifest(draft_dim, target_dim, max_len, vocab)
     with CacheWriter(root, meta, shard_samples=64) as writer:
         writer.set_lm_head(lm_head)
         for g in range(n_groups):
@@ -517,18 +522,7 @@ def write_head_cache(root: Path, n_groups: int = 30, per_group: int = 4, seed: i
     w = torch.randn(HEAD_DIM, HEAD_DIM, generator=gen) * 0.8 / HEAD_DIM**0.5
     embed = torch.randn(HEAD_VOCAB, HEAD_DIM, generator=gen)
     lm_head = torch.randn(HEAD_VOCAB, HEAD_DIM, generator=gen)
-    meta = {
-        "pairing": "teacher_forced",
-        "draft_model": "toy/draft",
-        "target_model": "toy/target",
-        "draft_prompt_template": "{question}",
-        "target_prompt_template": "{question}",
-        "draft_dim": 8,
-        "target_dim": HEAD_DIM,
-        "dtype": "float32",
-        "max_new_tokens": 12,
-        "vocab_limit": HEAD_VOCAB,
-    }
+    meta = toy_manifest(8, HEAD_DIM, 12, HEAD_VOCAB)
     with CacheWriter(root, meta, shard_samples=64) as writer:
         writer.set_lm_head(lm_head)
         for g in range(n_groups):

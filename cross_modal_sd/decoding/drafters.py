@@ -309,12 +309,15 @@ class ScriptedDrafter:
         time.sleep(self.prefill_s)
         return DraftState()
 
+    def proposal(self, position: int) -> tuple[int, float]:
+        """The scripted token at answer ``position`` and its reported confidence."""
+        right = self.reference[position] if position < len(self.reference) else 0
+        token = right if self.is_correct(position) else (right + 1) % self.vocab_limit
+        confidence = self.confidence
+        return token, float(confidence(position) if callable(confidence) else confidence)
+
     def next_token(self, state: DraftState) -> tuple[int, float]:
-        k = len(state.fed)
-        right = self.reference[k] if k < len(self.reference) else 0
-        token = right if self.is_correct(k) else (right + 1) % self.vocab_limit
-        confidence = self.confidence(k) if callable(self.confidence) else self.confidence
-        return token, float(confidence)
+        return self.proposal(len(state.fed))
 
     def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState:
         time.sleep(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cross_modal_sd.adapters.head import FeatureHead, HeadCache
-from cross_modal_sd.decoding.drafters import DraftPolicy, Proposal
+from cross_modal_sd.decoding.drafters import DraftPolicy, Proposal, ScriptedDrafter
 from cross_modal_sd.models.wrappers import MaskedHead
 
 
@@ -102,33 +102,15 @@ class HeadDrafter:
         return HeadState(state.cache, state.true, last), Proposal(tokens, confidences)
 
 
-class ScriptedHead:
-    """Test head that proposes a known answer, right or wrong at chosen positions (as
-    `drafters.ScriptedDrafter` does for cross-modal drafts).
+class ScriptedHead(ScriptedDrafter):
+    """Test head that proposes a known answer, right or wrong at chosen positions: the script of
+    `drafters.ScriptedDrafter` (same arguments), drafted as a head drafts.
 
     Its `sync` checks the loop's bookkeeping: one target state per committed token.
-
-    Args:
-        reference: the answer to copy (e.g. the target's greedy output).
-        vocab_limit: wrong tokens are drawn below this id.
-        correct_upto: first position proposed wrong for good (None: never).
-        wrong_at: further positions proposed wrong.
-        confidence: top-1 probability reported for every draft.
     """
 
-    def __init__(
-        self,
-        reference: Sequence[int],
-        vocab_limit: int,
-        correct_upto: int | None = None,
-        wrong_at: Sequence[int] = (),
-        confidence: float = 1.0,
-    ):
-        self.reference = list(reference)
-        self.vocab_limit = vocab_limit
-        self.correct_upto = correct_upto
-        self.wrong_at = set(wrong_at)
-        self.confidence = confidence
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.synced: list[int] = []  # answer length at every sync (what tests inspect)
 
     def start(self) -> HeadState:
@@ -144,14 +126,14 @@ class ScriptedHead:
         self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
     ) -> tuple[HeadState, Proposal]:
         tokens: list[int] = []
+        confidences: list[float] = []
         cap = min(limit, policy.round_cap(first_round=False))
         while len(tokens) < cap:
-            if policy.drops(len(tokens), self.confidence):
+            token, confidence = self.proposal(len(state.true) + len(tokens))
+            if policy.drops(len(tokens), confidence):
                 break
-            k = len(state.true) + len(tokens)
-            right = self.reference[k] if k < len(self.reference) else 0
-            wrong = (self.correct_upto is not None and k >= self.correct_upto) or k in self.wrong_at
-            tokens.append((right + 1) % self.vocab_limit if wrong else right)
-            if tokens[-1] == eos_token_id:
+            tokens.append(token)
+            confidences.append(confidence)
+            if token == eos_token_id:
                 break
-        return state, Proposal(tokens, [self.confidence] * len(tokens))
+        return state, Proposal(tokens, confidences)
