@@ -66,9 +66,9 @@ from cross_modal_sd.data.dsec import SENSOR_SIZE
 from cross_modal_sd.data.events import EventStream
 from cross_modal_sd.decoding import (
     AdapterDrafter,
+    DecodeSpec,
     DraftInputs,
     DraftPolicy,
-    GreedySpec,
     LocalRunner,
     SDConfig,
     TargetInputs,
@@ -470,7 +470,7 @@ def run_pair(
     t_in, d_in = pair.target_inputs, pair.draft_inputs
     device = t_in.device
     adapter, adapter_name = pair_adapter(pair, adapter_path)  # fails before any timing
-    spec = GreedySpec(args.max_new_tokens, pair.target.vocab_limit, pair.eos_id)
+    spec = DecodeSpec(args.max_new_tokens, pair.target.vocab_limit, pair.eos_id)
     with progress.stage("baseline", "pair: baseline (target generate, greedy)"):
         baseline = hf_greedy(pair.target.model, t_in, spec, warmup=1)
     answer = baseline.tokens
@@ -650,7 +650,7 @@ def run_mini(
     # As evaluation runs it: the adapter keeps its own dtype and reads casted draft states.
     drafter = AdapterDrafter(pair.draft, mini.adapter.to(device).eval(), pair.target.head)
     max_new = pair.max_new_tokens
-    spec = GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id)
+    spec = DecodeSpec(max_new, pair.target.vocab_limit, pair.eos_id)
     configs = {s.name: s.sd for s in strategies}
     plan = ThreadPlan()
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cross_modal_sd.decoding import (
+    DecodeSpec,
     DraftInputs,
-    GreedySpec,
     Span,
     TargetInputs,
     hf_assisted,
@@ -45,7 +45,7 @@ def setup():
             for name, p in target.named_parameters():
                 if p.dim() == 2 and ("language_model" in name or "lm_head" in name):
                     p.normal_(0.0, 0.1)
-        spec = GreedySpec(MAX_NEW, limit, tok.eos_token_id)
+        spec = DecodeSpec(MAX_NEW, limit, tok.eos_token_id)
         samples = []
         for i in range(6):
             ids = encode_target_prompt(tok, QUESTIONS[i % 3], 8 * TowerSize().tokens(32))

@@ -20,7 +20,7 @@ from cross_modal_sd.adapters import FeatureHead, build_adapter
 from cross_modal_sd.config import group_option
 from cross_modal_sd.data.cache import CacheWriter, HiddenPairCache
 from cross_modal_sd.data.dataset import collate_pairs
-from cross_modal_sd.decoding import GreedySpec, TargetInputs, hf_greedy, thread_budget
+from cross_modal_sd.decoding import DecodeSpec, TargetInputs, hf_greedy, thread_budget
 from cross_modal_sd.evaluation import (
     evaluate,
     offline_metrics,
@@ -90,7 +90,7 @@ class TinyWorld:
         target = build_target(tok, TowerSize(), DecoderSize(layers=2), 32, 8).eval()
         liven(target)
         self.samples = [_sample(tok, i, n_video) for i in range(N_SAMPLES)]
-        spec = GreedySpec(MAX_NEW, limit, tok.eos_token_id)
+        spec = DecodeSpec(MAX_NEW, limit, tok.eos_token_id)
 
         def answers():
             return [

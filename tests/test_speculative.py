@@ -15,15 +15,15 @@ from cross_modal_sd.adapters import build_adapter
 from cross_modal_sd.config import group_option
 from cross_modal_sd.decoding import (
     AdapterDrafter,
+    DecodeSpec,
     DraftInputs,
     DraftPolicy,
-    GreedySpec,
     ScriptedDrafter,
     SDConfig,
     TargetInputs,
     TargetState,
     ThreadPlan,
-    accept_length,
+    TokenChooser,
     extend_answer,
     hf_greedy,
     propose,
@@ -57,7 +57,7 @@ class World:
         self.tok = build_tokenizer()
         self.limit = text_vocab_limit(self.tok)
         self.eos = self.tok.eos_token_id
-        self.spec = GreedySpec(MAX_NEW, self.limit, self.eos)
+        self.spec = DecodeSpec(MAX_NEW, self.limit, self.eos)
         self.target_model = build_target(self.tok, TowerSize(), DecoderSize(layers=3), 32, 8).eval()
         liven(self.target_model)
         self.samples = [self.inputs(i) for i in range(N_SAMPLES)]
@@ -90,7 +90,7 @@ class World:
         return target, draft
 
     def greedy(self, inputs: TargetInputs, max_new: int = MAX_NEW) -> list[int]:
-        spec = GreedySpec(max_new, self.limit, self.eos)
+        spec = DecodeSpec(max_new, self.limit, self.eos)
         return hf_greedy(self.target_model, inputs, spec, warmup=0).tokens
 
     def adapter_drafter(self, level: str = "L4", **overrides) -> AdapterDrafter:
@@ -120,11 +120,21 @@ def test_world_covers_eos_and_cap(world):
 # --- pure functions --------------------------------------------------------------------------
 
 
-def test_accept_length_counts_leading_matches():
-    assert accept_length([5, 6, 7], [5, 6, 7, 8]) == 3
-    assert accept_length([5, 6, 7], [5, 9, 7, 8]) == 1
-    assert accept_length([4, 6], [5, 6, 7]) == 0
-    assert accept_length([], [5]) == 0
+def _rows(*tokens: int, vocab: int = 10) -> torch.Tensor:
+    """Logit rows whose argmaxes are `tokens`."""
+    return torch.nn.functional.one_hot(torch.tensor(tokens), vocab).float()
+
+
+def test_greedy_chooser_accepts_leading_matches_then_corrects_or_adds_a_bonus():
+    choose = TokenChooser().choose
+    assert choose(_rows(5, 6, 7, 8), [5, 6, 7]) == (3, [5, 6, 7, 8])  # bonus
+    assert choose(_rows(5, 9, 7, 8), [5, 6, 7]) == (1, [5, 9])  # correction
+    assert choose(_rows(5, 6, 7), [4, 6]) == (0, [5])
+    assert choose(_rows(5), []) == (0, [5])
+    assert choose(_rows(5), [5]) == (1, [5])  # as many drafts as rows: no bonus
+    assert choose(_rows(5), [4]) == (0, [5])
+    with pytest.raises(ValueError, match="2 drafts for 1 rows"):
+        choose(_rows(5), [5, 6])
 
 
 def test_extend_answer_stops_at_eos_and_cap():

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cross_modal_sd.decoding import (
+    DecodeSpec,
     DraftInputs,
     DraftPolicy,
-    GreedySpec,
     LocalRunner,
     ScriptedDrafter,
     ScriptedHead,
@@ -656,7 +656,7 @@ def test_measure_command_writes_a_loadable_profile(tmp_path):
 
 def test_greedy_spec_without_eos_runs_to_the_cap():
     target = StandInTarget([5, 6, 2, 7, 8, 9])
-    spec = GreedySpec(5, None, None)
+    spec = DecodeSpec(5, None, None)
     assert wrapper_greedy(target, STAND_IN_INPUTS[0], spec, warmup=0).tokens == [5, 6, 2, 7, 8]
     with thread_budget(1):
         assert ThreadPlan().round1 is None and DraftInputs is not None

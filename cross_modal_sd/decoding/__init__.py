@@ -1,12 +1,12 @@
 """End-to-end speculative decoding: the SD loop, drafters, timing, baseline and peers."""
 
 from cross_modal_sd.decoding.baselines import (
+    DecodeSpec,
     GenerationRecord,
-    GreedySpec,
-    greedy_tokens,
     hf_assisted,
     hf_greedy,
     hf_prompt_lookup,
+    loop_tokens,
     wrapper_greedy,
 )
 from cross_modal_sd.decoding.drafters import (
@@ -27,12 +27,12 @@ from cross_modal_sd.decoding.runners import (
     LocalRunner,
     ProcessRunner,
 )
+from cross_modal_sd.decoding.sampling import GREEDY, Sampling, TokenChooser
 from cross_modal_sd.decoding.speculative import (
     SDConfig,
     SDResult,
     TargetState,
     ThreadPlan,
-    accept_length,
     extend_answer,
     speculative_generate,
     verify,
@@ -51,20 +51,22 @@ __all__ = [
     "DraftState",
     "Drafter",
     "GenerationRecord",
-    "GreedySpec",
+    "DecodeSpec",
     "HeadDrafter",
     "HeadState",
     "Proposal",
+    "GREEDY",
     "SDConfig",
+    "Sampling",
     "SDResult",
     "ScriptedDrafter",
     "ScriptedHead",
     "Span",
     "TargetInputs",
     "TargetState",
-    "accept_length",
+    "TokenChooser",
     "extend_answer",
-    "greedy_tokens",
+    "loop_tokens",
     "hf_assisted",
     "hf_greedy",
     "hf_prompt_lookup",

@@ -10,7 +10,8 @@
 * `wrapper_greedy`: greedy decoding through the same `TargetDecoder` calls the SD loop makes, to
   separate harness overhead from the gain of speculation.
 
-All are lossless greedy methods: their tokens must equal the baseline's. Each returns a
+All are lossless: greedy, their tokens must equal the baseline's; sampling (`DecodeSpec.sampling`,
+`hf_greedy` and `wrapper_greedy` only), their tokens are distributed as the target's sampling. Each returns a
 `GenerationRecord` whose `total_ms` excludes `warmup` untimed calls.
 """
 
@@ -24,6 +25,7 @@ import torch
 from transformers import GenerationConfig
 
 from cross_modal_sd.decoding.inputs import TargetInputs
+from cross_modal_sd.decoding.sampling import GREEDY, Sampling, TokenChooser
 from cross_modal_sd.decoding.speculative import TargetState, extend_answer, verify
 from cross_modal_sd.decoding.timing import time_call
 from cross_modal_sd.models.generation import greedy_kwargs
@@ -31,18 +33,21 @@ from cross_modal_sd.models.wrappers import TargetDecoder
 
 
 @dataclass(frozen=True)
-class GreedySpec:
-    """What every method must reproduce: greedy decoding with these limits.
+class DecodeSpec:
+    """What every method must reproduce: the target's decoding with these limits (greedy, or
+    its sampling distribution).
 
     Attributes:
         max_new_tokens: answer length cap (EOS included).
         vocab_limit: ids at or above it are never generated.
         eos_token_id: the answer ends after this token.
+        sampling: greedy (default) or sampling settings.
     """
 
     max_new_tokens: int
     vocab_limit: int
     eos_token_id: int | None
+    sampling: Sampling = GREEDY
 
 
 @dataclass
@@ -61,16 +66,20 @@ class GenerationRecord:
         return {**asdict(self), "n_new": self.n_new}
 
 
-def greedy_generation_config(model, spec: GreedySpec, **overrides) -> GenerationConfig:
-    """A complete greedy config, so no default of the model's own generation config leaks in."""
+def greedy_generation_config(model, spec: DecodeSpec, **overrides) -> GenerationConfig:
+    """A complete config (greedy, or the spec's sampling with every warper set explicitly), so
+    no default of the model's own generation config leaks in."""
     text = model.config.get_text_config()
     kwargs = greedy_kwargs(
         spec.vocab_limit, text.vocab_size, spec.max_new_tokens, spec.eos_token_id, text.pad_token_id
     )
-    return GenerationConfig(**kwargs, **overrides)
+    return GenerationConfig(**{**kwargs, **spec.sampling.generate_kwargs()}, **overrides)
 
 
 def _hf_generate(model, inputs: TargetInputs, config: GenerationConfig, **kwargs) -> list[int]:
+    if config.do_sample:  # generate samples from torch's global stream
+        torch.manual_seed(kwargs.pop("seed"))
+    kwargs.pop("seed", None)
     ids = inputs.input_ids
     out = model.generate(
         input_ids=ids,
@@ -87,16 +96,23 @@ def _timed(method: str, fn: Callable[[], list[int]], warmup: int, device) -> Gen
     return GenerationRecord(method, tokens, ms)
 
 
-def hf_greedy(model, inputs: TargetInputs, spec: GreedySpec, warmup: int = 1) -> GenerationRecord:
-    """The target's own greedy `generate`: the baseline."""
+def hf_greedy(
+    model, inputs: TargetInputs, spec: DecodeSpec, warmup: int = 1, seed: int | None = None
+) -> GenerationRecord:
+    """The target's own `generate`: greedy (the baseline), or sampling at the spec's settings
+    from `seed` (default ``spec.sampling.seed``)."""
     config = greedy_generation_config(model, spec)
-    return _timed("greedy", lambda: _hf_generate(model, inputs, config), warmup, inputs.device)
+    seed = spec.sampling.seed if seed is None else seed
+    method = "greedy" if spec.sampling.greedy else "sample"
+    return _timed(
+        method, lambda: _hf_generate(model, inputs, config, seed=seed), warmup, inputs.device
+    )
 
 
 def hf_prompt_lookup(
     model,
     inputs: TargetInputs,
-    spec: GreedySpec,
+    spec: DecodeSpec,
     num_tokens: int = 10,
     max_ngram: int = 2,
     warmup: int = 1,
@@ -119,7 +135,7 @@ def hf_assisted(
     model,
     inputs: TargetInputs,
     assistant,
-    spec: GreedySpec,
+    spec: DecodeSpec,
     warmup: int = 1,
     **generate_kwargs,
 ) -> GenerationRecord:
@@ -137,21 +153,40 @@ def hf_assisted(
     return _timed("assisted", run, warmup, inputs.device)
 
 
-def greedy_tokens(target: TargetDecoder, inputs: TargetInputs, spec: GreedySpec) -> list[int]:
-    """Greedy decoding through the `TargetDecoder` calls the SD loop makes (untimed)."""
+def loop_tokens(
+    target: TargetDecoder,
+    inputs: TargetInputs,
+    spec: DecodeSpec,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Decoding through the `TargetDecoder` calls the SD loop makes (untimed): greedy, or the
+    spec's sampling from `generator` (default: seeded with ``spec.sampling.seed``; one draw a
+    token, as `generate` draws, so the same seed gives `generate`'s tokens)."""
+    chooser = TokenChooser(spec.sampling, generator)
     out = target.prefill(inputs.input_ids, inputs.pixel_values_videos)
-    state = TargetState(out.cache, out.cache.get_seq_length(), [int(out.logits[0, -1].argmax())])
+    _, first = chooser.choose(out.logits[0, -1:], [])
+    state = TargetState(out.cache, out.cache.get_seq_length(), first)
     answer, done = extend_answer([], state.answer, spec.eos_token_id, spec.max_new_tokens)
     while not done:
-        state, _, committed = verify(target, state, [])
+        state, _, committed = verify(target, state, [], chooser)
         answer, done = extend_answer(answer, committed, spec.eos_token_id, spec.max_new_tokens)
     return answer
 
 
 def wrapper_greedy(
-    target: TargetDecoder, inputs: TargetInputs, spec: GreedySpec, warmup: int = 1
+    target: TargetDecoder,
+    inputs: TargetInputs,
+    spec: DecodeSpec,
+    warmup: int = 1,
+    seed: int | None = None,
 ) -> GenerationRecord:
-    """`greedy_tokens`, timed like the other methods."""
-    return _timed(
-        "wrapper_greedy", lambda: greedy_tokens(target, inputs, spec), warmup, inputs.device
-    )
+    """`loop_tokens`, timed like the other methods (sampling: from `seed`, default
+    ``spec.sampling.seed``)."""
+
+    def run() -> list[int]:
+        if spec.sampling.greedy:
+            return loop_tokens(target, inputs, spec)
+        s = spec.sampling.seed if seed is None else seed
+        return loop_tokens(target, inputs, spec, torch.Generator().manual_seed(s))
+
+    return _timed("wrapper_greedy", run, warmup, inputs.device)

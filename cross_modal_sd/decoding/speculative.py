@@ -27,10 +27,11 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from cross_modal_sd.decoding.drafters import DraftPolicy, common_prefix_len
+from cross_modal_sd.decoding.drafters import DraftPolicy
 from cross_modal_sd.decoding.heads import HeadDrafter
 from cross_modal_sd.decoding.inputs import TargetInputs
 from cross_modal_sd.decoding.runners import NOT_RUN, DraftRunner, LocalRunner
+from cross_modal_sd.decoding.sampling import GREEDY, GREEDY_CHOOSER, Sampling, TokenChooser
 from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, thread_budget, timed_span
 from cross_modal_sd.models.wrappers import TargetDecoder, crop_cache
 
@@ -52,6 +53,7 @@ class SDConfig:
             EAGLE-style drafting).
         max_new_tokens: answer length cap (EOS included).
         eos_token_id: the answer ends after this token (None: only the cap ends it).
+        sampling: greedy (the default) or the target's sampling settings, kept exact.
     """
 
     policy: DraftPolicy = field(default_factory=DraftPolicy)
@@ -59,6 +61,7 @@ class SDConfig:
     max_new_tokens: int = 32
     eos_token_id: int | None = None
     round1: Literal["cross_modal", "none"] = "cross_modal"
+    sampling: Sampling = GREEDY
 
     def __post_init__(self):
         if self.decode not in DECODE_PHASES:
@@ -75,7 +78,8 @@ class SDConfig:
         """Method label for reports, e.g. ``sd/fixed-5/draft_model`` or ``sd/none/fixed-5/head``
         (for people: code reads `to_dict`, never the label)."""
         first = "" if self.round1 == "cross_modal" else "none/"
-        return f"sd/{first}{self.policy.name}/{self.decode}"
+        last = "" if self.sampling.greedy else f"/{self.sampling.name}"
+        return f"sd/{first}{self.policy.name}/{self.decode}{last}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; `from_dict` rebuilds the configuration."""
@@ -83,12 +87,15 @@ class SDConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SDConfig:
-        """The configuration of `to_dict` (``policy`` a dict or a `DraftPolicy`)."""
+        """The configuration of `to_dict` (``policy``/``sampling`` dicts or their classes)."""
         d = dict(d)
         policy = d.pop("policy", {})
         if not isinstance(policy, DraftPolicy):
             policy = DraftPolicy(**policy)
-        return cls(policy=policy, **d)
+        sampling = d.pop("sampling", {})  # records written before sampling existed: greedy
+        if not isinstance(sampling, Sampling):
+            sampling = Sampling(**sampling)
+        return cls(policy=policy, sampling=sampling, **d)
 
 
 @dataclass(frozen=True)
@@ -186,11 +193,6 @@ class SDResult:
         }
 
 
-def accept_length(drafts: Sequence[int], greedy: Sequence[int]) -> int:
-    """Number of leading drafts equal to the target's greedy token at the same position."""
-    return common_prefix_len(drafts, greedy)
-
-
 def extend_answer(
     answer: list[int], new: Sequence[int], eos_token_id: int | None, max_new_tokens: int
 ) -> tuple[list[int], bool]:
@@ -207,14 +209,18 @@ def extend_answer(
 
 
 def verify(
-    target: TargetDecoder, state: TargetState, drafts: Sequence[int]
+    target: TargetDecoder,
+    state: TargetState,
+    drafts: Sequence[int],
+    chooser: TokenChooser = GREEDY_CHOOSER,
 ) -> tuple[TargetState, int, list[int]]:
     """Verifies drafts for answer positions n..n+k-1 (n = len(state.answer)) in one forward.
 
-    The forward reads [answer[-1], d_0, ..., d_(k-1)]; its output i is the target's greedy token
-    for position n + i. The leading matching drafts are accepted and the target's token after
-    them (a correction, or a bonus when all match) is added. The cache is cropped to
-    prompt + answer[:-1] of the new answer.
+    The forward reads [answer[-1], d_0, ..., d_(k-1)]; its output i is the target's
+    distribution for position n + i. The `chooser` accepts a prefix of the drafts (greedy: the
+    drafts equal to the row's argmax) and adds the target's token after them (a correction, or
+    a bonus when all are accepted). The cache is cropped to prompt + answer[:-1] of the new
+    answer.
 
     Returns:
         The new state, the number of accepted drafts, and the committed tokens (accepted drafts
@@ -223,9 +229,7 @@ def verify(
     n = len(state.answer)
     ids = torch.tensor([[state.answer[-1], *drafts]], device=target.model.device)
     out = target.forward_tokens(ids, state.cache)  # logits (1, k + 1, V)
-    greedy = out.logits[0].argmax(dim=-1).tolist()
-    accepted = accept_length(drafts, greedy)
-    committed = greedy[: accepted + 1]
+    accepted, committed = chooser.choose(out.logits[0], drafts)
     crop_cache(state.cache, state.prompt_len + n + accepted)
     states = out.hidden[:, : accepted + 1]  # at answer[-1] and the accepted drafts
     new = TargetState(state.cache, state.prompt_len, state.answer + committed, states)
@@ -240,8 +244,10 @@ def speculative_generate(
     config: SDConfig,
     threads: ThreadPlan = ThreadPlan(),
     head: HeadDrafter | None = None,
+    chooser: TokenChooser | None = None,
 ) -> SDResult:
-    """Greedy speculative decoding of one sample; the tokens equal the target's greedy output.
+    """Speculative decoding of one sample: greedy, its tokens equal the target's greedy output;
+    sampling (``config.sampling``), they are distributed exactly as the target's own sampling.
 
     Args:
         target: the target behind the decoding API (its logits mask ids >= the vocab limit).
@@ -252,12 +258,15 @@ def speculative_generate(
         config: round 1, decode phase, policy, length cap and EOS.
         threads: the target's intra-op threads in round 1 and after (CPU).
         head: the feature-head drafter of ``decode="head"``.
+        chooser: picks the committed tokens (default: from ``config.sampling``: greedy, or
+            sampling seeded with its ``seed``); its settings must be the config's.
 
     Returns:
         The per-sample record (answer tokens, acceptance counts, per-phase timing).
 
     Raises:
-        ValueError: a configuration without the drafter it needs.
+        ValueError: a configuration without the drafter it needs; a chooser whose settings
+            are not the config's.
     """
     device = target_inputs.device
     needs_drafter = config.round1 == "cross_modal" or config.decode == "draft_model"
@@ -268,8 +277,15 @@ def speculative_generate(
     if drafter is not None and not isinstance(drafter, DraftRunner):
         with LocalRunner(drafter, device) as runner:  # a bare drafter: a thread here
             return speculative_generate(
-                target, runner, target_inputs, draft_inputs, config, threads, head
+                target, runner, target_inputs, draft_inputs, config, threads, head, chooser
             )
+    if chooser is None:
+        chooser = GREEDY_CHOOSER if config.sampling.greedy else TokenChooser(config.sampling)
+    if chooser.sampling != config.sampling:
+        raise ValueError(
+            f"{config.name}: the chooser samples with {chooser.sampling}, the config with "
+            f"{config.sampling}"
+        )
     cpu = device.type == "cpu"
     runner = drafter
     eos, cap, policy = config.eos_token_id, config.max_new_tokens, config.policy
@@ -288,7 +304,6 @@ def speculative_generate(
         try:
             with timed_span(device, t_spans):
                 out = target.prefill(target_inputs.input_ids, target_inputs.pixel_values_videos)
-                t0 = int(out.logits[0, -1].argmax())
         finally:
             if runner is not None:
                 runner.set_ready(True)  # also on error, so a drafter waiting for it ends
@@ -300,20 +315,21 @@ def speculative_generate(
         busy.append([r1.prefill.start, r1.drafting.end, r1.threads])
     d_pre, d_span = (r1.prefill, r1.drafting) if r1 is not None else (NOT_RUN, NOT_RUN)
     drafts = r1.proposal.tokens if r1 is not None else []
-    state = TargetState(out.cache, out.cache.get_seq_length(), [t0], out.hidden[:, -1:])
+    # d0 is checked against the prefill's own row (accepted, or the target's token instead);
+    # only d1.. need a target forward (after d0). With no d1 that forward would verify
+    # nothing, so it is left to the next round.
+    accepted, first = chooser.choose(out.logits[0, -1:], drafts[:1])
+    state = TargetState(out.cache, out.cache.get_seq_length(), first, out.hidden[:, -1:])
     sigma = state.states  # σ_{-1} .. σ_{len(answer) - 2}: what a head reads
     answer, done = extend_answer([], state.answer, eos, cap)
     verify_spans: list[Span] = []
     forwards = 1
     with thread_budget(threads.decode if cpu else None):
         decode_threads = torch.get_num_threads()
-        # d0 is checked against the prefill's t0; only d1.. need a target forward (after t0).
-        # With no d1 that forward would verify nothing, so it is left to the next round.
-        accepted = int(bool(drafts) and drafts[0] == state.answer[0])
         committed_per_round = [1]
         if accepted and len(drafts) > 1 and not done:
             with timed_span(device, verify_spans):
-                state, more, committed = verify(target, state, drafts[1:])
+                state, more, committed = verify(target, state, drafts[1:], chooser)
             accepted += more
             forwards += 1
             answer, done = extend_answer(answer, committed, eos, cap)
@@ -345,7 +361,7 @@ def speculative_generate(
             spans = verify_spans if drafting else step_spans
             with timed_span(device, spans):
                 # Without drafts: one plain greedy step.
-                state, n_ok, committed = verify(target, state, drafts)
+                state, n_ok, committed = verify(target, state, drafts, chooser)
             if drafting:
                 drafted_per_round.append(len(drafts))
                 accepted_per_round.append(n_ok)

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from cross_modal_sd.decoding import (
     AdapterDrafter,
+    DecodeSpec,
     DraftInputs,
     DraftRunner,
-    GreedySpec,
     HeadDrafter,
     TargetInputs,
     ThreadPlan,
@@ -107,7 +107,7 @@ class E2ESetup:
     strategies: list[Strategy]
     budget: Budget
     drafter: AdapterDrafter
-    spec: GreedySpec
+    spec: DecodeSpec
     peers: Mapping[str, Any]
     warmup: int
     profile: bool
@@ -179,7 +179,7 @@ def prepare_e2e(
         strategies=strategies,
         budget=budget,
         drafter=AdapterDrafter(pair.draft, adapter, pair.target.head),
-        spec=GreedySpec(max_new, pair.target.vocab_limit, pair.eos_id),
+        spec=DecodeSpec(max_new, pair.target.vocab_limit, pair.eos_id),
         peers=cfg.get("peers") or {},
         warmup=int(cfg.get("warmup", 1)),
         profile=bool(cfg.get("cost_profile", True)),
@@ -217,7 +217,7 @@ class _Methods:
         # baseline loop has: its cores, at its threads.
         self.solo_plan = ThreadPlan(threads["loop"], threads["loop"]) if threads else None
 
-    def loop(self, name: str, t_in: TargetInputs, spec: GreedySpec, threads: int | None = None):
+    def loop(self, name: str, t_in: TargetInputs, spec: DecodeSpec, threads: int | None = None):
         """One baseline loop's record (at its chosen threads unless `threads` is given)."""
         model = self.setup.pair.target
         budget = self.setup.budget

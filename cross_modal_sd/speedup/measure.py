@@ -45,9 +45,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cross_modal_sd.decoding import (
     AdapterDrafter,
+    DecodeSpec,
     DraftInputs,
     DraftRunner,
-    GreedySpec,
     HeadDrafter,
     TargetInputs,
     TargetState,
@@ -77,7 +77,7 @@ class ProfileModels:
         runner: the drafter where it runs (its process, or a thread here).
         target_inputs / draft_inputs: one sample's inputs (batch size 1).
         baselines: the baseline loops by name (HF ``generate``, the lean greedy ``loop``), each
-            run for a `GreedySpec` at its own threads (and cores).
+            run for a `DecodeSpec` at its own threads (and cores).
         sd_context: entered around every other probe: where SD's target runs (evaluation pins
             it off the drafter's cores there).
         meta: what the models are (recorded in the profile).
@@ -90,7 +90,7 @@ class ProfileModels:
     runner: DraftRunner
     target_inputs: TargetInputs
     draft_inputs: DraftInputs
-    baselines: dict[str, Callable[[GreedySpec], GenerationRecord]] = field(default_factory=dict)
+    baselines: dict[str, Callable[[DecodeSpec], GenerationRecord]] = field(default_factory=dict)
     meta: dict[str, Any] | None = None
     sd_context: Callable[[], AbstractContextManager] = nullcontext
     head: HeadDrafter | None = None
@@ -240,7 +240,7 @@ def measure_profile(
 
     for loop, run in models.baselines.items():
         for n in baseline_lengths:
-            spec = GreedySpec(n, limit, None)  # no EOS: exactly n tokens
+            spec = DecodeSpec(n, limit, None)  # no EOS: exactly n tokens
             probes[f"{loop}_{n}"] = lambda spec=spec, n=n, loop=loop, run=run: {
                 f"{loop}_{n}": [timed_loop(run, spec)]
             }
