@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> float | None:
         if "sharding" in report:
             continue  # this rank did not merge
         print(Path(cfg.output_dir, name, "report.md").read_text().split("\n## Plots")[0])
-        rates.append(report["lossless_rate"])
+        if report["lossless_rate"] is not None:  # None when sampling
+            rates.append(report["lossless_rate"])
     return min(rates) if rates else None
 
 

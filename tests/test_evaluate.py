@@ -235,6 +235,47 @@ def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
     assert report["head_checkpoint"]["lm_head_verified"] is True
 
 
+def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(world):
+    settings = {"temperature": 0.3, "top_k": 0, "top_p": 0.9, "seed": 5}
+    cfg = _cfg(
+        strategies=["sd_fixed", "hybrid", "prompt_lookup"],
+        head_ckpt=str(world.head_ckpt),
+        sampling=settings,
+        cost_profile=True,
+    )
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg, "own_device")
+    assert report["sampling"] == settings
+    # Equality in distribution, not token for token: no per-sample losslessness is claimed.
+    assert report["lossless"] is None and report["lossless_rate"] is None
+    for name, s in report["strategies"].items():
+        assert s["lossless"] is None and s["flag"] is None, name
+        assert "predicted_speedup" not in s  # the export scores greedy acceptance only
+    assert any("no predicted_speedup: sampling" in w for w in report["warnings"])
+    for name in ("sd_fixed_draft_model", "hybrid"):
+        assert 0 < report["strategies"][name]["accept_rate"] <= 1
+        for r in records:
+            assert r["strategies"][name]["config"]["sampling"] == settings
+    # Both baseline loops sample sample i from seed 5 + i: the lean loop draws as generate does.
+    for r in records:
+        assert r["baselines"]["loop"]["tokens"] == r["baselines"]["generate"]["tokens"]
+    # It samples: some answer differs from the greedy one.
+    assert any(r["baseline"]["tokens"] != a for r, a in zip(records, world.answers, strict=False))
+
+
+@pytest.mark.parametrize(
+    ("node", "match"),
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": 1.0, "top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
+        ({"temperature": 1.0, "top_p": 1.2}, r"top_p must lie in \(0, 1\]"),
+        ({"temprature": 1.0}, "unknown keys \\['temprature'\\]"),
+    ],
+)
+def test_bad_sampling_settings_are_rejected_before_timing(world, node, match):
+    with pytest.raises(ValueError, match=match):
+        run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], _cfg(sampling=node))
+
+
 def test_head_strategies_need_a_head_export(world, tmp_path):
     cfg = _cfg(strategies=["head", "hybrid", "sd_fixed"])
     report, _ = run_e2e(world.pair, load_export(world.ckpt), world.samples[:2], cfg)

@@ -77,9 +77,9 @@ def greedy_generation_config(model, spec: DecodeSpec, **overrides) -> Generation
 
 
 def _hf_generate(model, inputs: TargetInputs, config: GenerationConfig, **kwargs) -> list[int]:
-    if config.do_sample:  # generate samples from torch's global stream
-        torch.manual_seed(kwargs.pop("seed"))
-    kwargs.pop("seed", None)
+    seed = kwargs.pop("seed", None)
+    if config.do_sample and seed is not None:  # generate samples from torch's global stream
+        torch.manual_seed(seed)
     ids = inputs.input_ids
     out = model.generate(
         input_ids=ids,

@@ -19,7 +19,7 @@ import os
 import random
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,8 +32,10 @@ from cross_modal_sd.decoding import (
     DraftInputs,
     DraftRunner,
     HeadDrafter,
+    Sampling,
     TargetInputs,
     ThreadPlan,
+    TokenChooser,
     hf_assisted,
     hf_greedy,
     hf_prompt_lookup,
@@ -140,7 +142,10 @@ def prepare_e2e(
     """
     checkpoint = check_export_fits(export, pair, cache_dir)
     max_new = resolve_max_new_tokens(cfg.get("max_new_tokens"), pair.max_new_tokens)
-    strategies = parse_strategies(cfg["strategies"], cfg["decoding"], max_new, pair.eos_id)
+    sampling = sampling_settings(cfg.get("sampling"))
+    strategies = parse_strategies(
+        cfg["strategies"], cfg["decoding"], max_new, pair.eos_id, sampling
+    )
     device = str(cfg.get("device") or "cpu")
     budget = Budget(int(cfg["cores"]), deployment, int(cfg.get("draft_cores", 1)), device)
     pair.target.model.to(device).eval()
@@ -179,7 +184,7 @@ def prepare_e2e(
         strategies=strategies,
         budget=budget,
         drafter=AdapterDrafter(pair.draft, adapter, pair.target.head),
-        spec=DecodeSpec(max_new, pair.target.vocab_limit, pair.eos_id),
+        spec=DecodeSpec(max_new, pair.target.vocab_limit, pair.eos_id, sampling),
         peers=cfg.get("peers") or {},
         warmup=int(cfg.get("warmup", 1)),
         profile=bool(cfg.get("cost_profile", True)),
@@ -187,6 +192,26 @@ def prepare_e2e(
         head=head,
         head_export=head_export,
         head_checkpoint=head_checkpoint,
+    )
+
+
+def sampling_settings(node: Mapping[str, Any] | None) -> Sampling:
+    """The `Sampling` of an ``evaluate.yaml`` ``sampling`` node (None: greedy).
+
+    Raises:
+        ValueError: a bad setting (`Sampling`'s message), or an unknown key.
+    """
+    node = dict(node or {})
+    known = {"temperature", "top_k", "top_p", "seed"}
+    if set(node) - known:
+        raise ValueError(
+            f"sampling: unknown keys {sorted(set(node) - known)}; known: {sorted(known)}"
+        )
+    return Sampling(
+        temperature=float(node.get("temperature", 0.0)),
+        top_k=int(node.get("top_k", 0)),
+        top_p=float(node.get("top_p", 1.0)),
+        seed=int(node.get("seed", 0)),
     )
 
 
@@ -217,30 +242,47 @@ class _Methods:
         # baseline loop has: its cores, at its threads.
         self.solo_plan = ThreadPlan(threads["loop"], threads["loop"]) if threads else None
 
-    def loop(self, name: str, t_in: TargetInputs, spec: DecodeSpec, threads: int | None = None):
-        """One baseline loop's record (at its chosen threads unless `threads` is given)."""
+    def loop(
+        self,
+        name: str,
+        t_in: TargetInputs,
+        spec: DecodeSpec,
+        threads: int | None = None,
+        seed: int | None = None,
+    ):
+        """One baseline loop's record (at its chosen threads unless `threads` is given; when
+        sampling, drawn from `seed`, default the spec's)."""
         model = self.setup.pair.target
         budget = self.setup.budget
         with budget.pinned(budget.target_cores), thread_budget(threads or self.threads[name]):
             if name == "generate":
-                return hf_greedy(model.model, t_in, spec, warmup=0)
-            return wrapper_greedy(model, t_in, spec, warmup=0)
+                return hf_greedy(model.model, t_in, spec, warmup=0, seed=seed)
+            return wrapper_greedy(model, t_in, spec, warmup=0, seed=seed)
 
-    def __call__(self, strategy: Strategy, t_in: TargetInputs, d_in: DraftInputs) -> dict:
+    def __call__(
+        self, strategy: Strategy, t_in: TargetInputs, d_in: DraftInputs, seed: int | None = None
+    ) -> dict:
+        """One method's record on one sample (when sampling, drawn from `seed`, default the
+        settings' own)."""
         s = self.setup
         model = s.pair.target.model
+        sampling = s.spec.sampling
+        seed = sampling.seed if seed is None else seed
         if strategy.kind == "baseline":
-            return self.loop(strategy.name, t_in, s.spec).to_dict()
+            return self.loop(strategy.name, t_in, s.spec, seed=seed).to_dict()
         if strategy.kind == "sd":
             sd = strategy.sd
             if uses_drafter(sd):
                 cores, runner, plan = s.budget.sd_cores, self.runner, self.plan
             else:
                 cores, runner, plan = s.budget.target_cores, None, self.solo_plan
+            chooser = TokenChooser(sampling, torch.Generator().manual_seed(seed))
             with s.budget.pinned(cores):
                 return speculative_generate(
-                    s.pair.target, runner, t_in, d_in, sd, plan, s.head
+                    s.pair.target, runner, t_in, d_in, sd, plan, s.head, chooser
                 ).to_dict()
+        if not sampling.greedy:
+            torch.manual_seed(seed)  # the peers' generate samples from torch's global stream
         with s.budget.pinned(s.budget.target_cores), thread_budget(self.threads["generate"]):
             if strategy.name == "prompt_lookup":
                 pl = s.peers.get("prompt_lookup", {})
@@ -350,14 +392,17 @@ def time_samples(
         with thread_budget(threads["loop"]):
             profiles = [_profile(profile_models, methods.plan, warnings)] if setup.profile else []
         shuffle = random.Random(0)
-        for sample in tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample"):
+        exact = setup.spec.sampling.greedy
+        bar = tqdm(samples, desc=f"evaluate ({budget.deployment})", unit="sample")
+        for i, sample in enumerate(bar):
             t_in, d_in = _inputs(sample, pair, device)
             shuffled = order[:]
             shuffle.shuffle(shuffled)
-            runs = {m.name: methods(m, t_in, d_in) for m in shuffled}
+            seed = setup.spec.sampling.seed + i
+            runs = {m.name: methods(m, t_in, d_in, seed) for m in shuffled}
             reference = runs["generate"]
-            for record in runs.values():
-                record["lossless"] = record["tokens"] == reference["tokens"]
+            for record in runs.values():  # sampling: equal in distribution, not token for token
+                record["lossless"] = record["tokens"] == reference["tokens"] if exact else None
             records.append(
                 {
                     "sample_id": sample.sample_id,
@@ -412,6 +457,7 @@ def summarize_e2e(
         {s.name: s.kind for s in strategies},
         max_len=setup.max_new,
         reference=[r["baselines"]["generate"] for r in records],
+        exact=setup.spec.sampling.greedy,
     )
     report["baseline_loop"] = chosen
     base = report["strategies"]["baseline"]
@@ -435,6 +481,11 @@ def summarize_e2e(
         report["cost_ratios"] = cost_ratios(profile, base["total_ms"], setup.pair)
         lengths = [len(r["baselines"]["generate"]["tokens"]) for r in records]
         try:
+            if not setup.spec.sampling.greedy:
+                raise ValueError(
+                    "sampling: the export's validation scores greedy acceptance, not the "
+                    "acceptance of sampled answers"
+                )
             acceptance = Acceptance.from_export(setup.export, lengths)
         except ValueError as err:
             warnings.append(f"no predicted_speedup: {err}")
@@ -463,6 +514,7 @@ def summarize_e2e(
     report["mode"] = "e2e"
     report["deployment"] = setup.budget.deployment
     report["budget"] = setup.budget.to_dict()
+    report["sampling"] = asdict(setup.spec.sampling)
     report["checkpoint"] = setup.checkpoint
     report["head_checkpoint"] = setup.head_checkpoint
     report["config"] = {

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cross_modal_sd.decoding import DraftPolicy, SDConfig
+from cross_modal_sd.decoding import GREEDY, DraftPolicy, Sampling, SDConfig
 from cross_modal_sd.evaluation.report import BASELINE
 
 __all__ = [
@@ -68,7 +68,11 @@ def draft_policy(kind: str, decoding: Mapping[str, Any]) -> DraftPolicy:
 
 
 def parse_strategies(
-    names: Iterable[str], decoding: Mapping[str, Any], max_new_tokens: int, eos_token_id: int | None
+    names: Iterable[str],
+    decoding: Mapping[str, Any],
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    sampling: Sampling = GREEDY,
 ) -> list[Strategy]:
     """Strategies from their config names, canonicalised and de-duplicated (order kept).
 
@@ -76,7 +80,7 @@ def parse_strategies(
     ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
     (round 1: none, or cross-modal drafts while the target prefills). The other policies'
     settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
-    ``confidence.threshold``, ``max_drafts``).
+    ``confidence.threshold``, ``max_drafts``); every SD configuration decodes with `sampling`.
 
     Raises:
         ValueError: an unknown name; the message lists the known ones.
@@ -106,6 +110,7 @@ def parse_strategies(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
             round1=round1,
+            sampling=sampling,
         )
         canonical = name if name in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
         out.setdefault(canonical, Strategy(canonical, "sd", config))
