@@ -15,6 +15,7 @@ from cross_modal_sd.decoding import (
     ScriptedDrafter,
     ScriptedHead,
     SDConfig,
+    TreeShape,
     speculative_generate,
     thread_budget,
 )
@@ -202,6 +203,25 @@ def test_trained_head_is_lossless_with_partial_acceptance(world, trained_head):
             accepted += result.accepted[1:]
     # Real acceptance: long runs on the samples it was fitted to, misses elsewhere.
     assert max(accepted) == 5 and 0 in accepted and any(0 < a < 5 for a in accepted)
+
+
+def test_trained_head_trees_are_lossless_and_accept_at_least_the_chain(world, trained_head):
+    """With a budget well above its depth (12 nodes, 5 levels) the tree holds the chain's top-1
+    path and side branches: per sample it accepts at least as much in its first head round as
+    the chain of the same depth, and more where a second branch rescues a miss."""
+    head = HeadDrafter(trained_head, world.target.head)
+    chain = world.config(DraftPolicy(gamma=5), decode="head", round1="none")
+    tree = world.config(
+        DraftPolicy(gamma=5, tree=TreeShape(nodes=12, top_k=3)), decode="head", round1="none"
+    )
+    branched = 0
+    for i in range(N_SAMPLES):
+        a = speculative_generate(world.target, None, *world.inputs(i), chain, head=head)
+        b = speculative_generate(world.target, None, *world.inputs(i), tree, head=head)
+        _check(world, b, i)
+        assert b.accepted[1] >= a.accepted[1]
+        branched += b.accepted[1] > a.accepted[1]
+    assert branched > 0  # some first round was rescued by a second branch
 
 
 def test_chain_runs_predict_head_rounds(world, trained_head):

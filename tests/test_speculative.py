@@ -24,6 +24,7 @@ from cross_modal_sd.decoding import (
     TargetState,
     ThreadPlan,
     TokenChooser,
+    TreeShape,
     extend_answer,
     hf_greedy,
     propose,
@@ -173,6 +174,9 @@ POLICIES = {
     "fixed": DraftPolicy(gamma=3),
     "prefill": DraftPolicy(gamma="prefill", decode_gamma=3, max_drafts=8),
     "confidence": DraftPolicy(kind="confidence", threshold=0.3, max_drafts=6),
+    # Draft trees: several branches per round, verified in one forward under a tree mask.
+    "tree": DraftPolicy(gamma=4, tree=TreeShape(nodes=8, top_k=2)),
+    "prefill_tree": DraftPolicy(gamma="prefill", decode_gamma=3, tree=TreeShape(6, 3)),
 }
 
 

@@ -38,6 +38,7 @@ from cross_modal_sd.decoding.speculative import (
     verify,
 )
 from cross_modal_sd.decoding.timing import Span, thread_budget, time_call
+from cross_modal_sd.decoding.trees import DraftTree, TreeShape, grow_tree, verify_tree
 
 __all__ = [
     "AdapterDrafter",
@@ -49,6 +50,7 @@ __all__ = [
     "ProcessRunner",
     "ThreadPlan",
     "DraftState",
+    "DraftTree",
     "Drafter",
     "GenerationRecord",
     "DecodeSpec",
@@ -65,7 +67,9 @@ __all__ = [
     "TargetInputs",
     "TargetState",
     "TokenChooser",
+    "TreeShape",
     "extend_answer",
+    "grow_tree",
     "loop_tokens",
     "hf_assisted",
     "hf_greedy",
@@ -76,5 +80,6 @@ __all__ = [
     "thread_budget",
     "time_call",
     "verify",
+    "verify_tree",
     "wrapper_greedy",
 ]

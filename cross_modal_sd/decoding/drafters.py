@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from cross_modal_sd.adapters.base import Adapter
 from cross_modal_sd.decoding.inputs import DraftInputs
+from cross_modal_sd.decoding.trees import DraftTree, TreeShape, grow_tree
 from cross_modal_sd.models.wrappers import DraftDecoder, crop_cache
 
 
@@ -49,6 +50,9 @@ class DraftPolicy:
         decode_gamma: drafts per round after the first when ``gamma="prefill"``.
         threshold: ``"confidence"`` only: minimum top-1 probability of a kept draft.
         max_drafts: hard cap on drafts in any round.
+        tree: draft a tree per round instead of a chain (`trees.TreeShape`: node budget and
+            top-k; its depth is capped as a chain's length is). A ``gamma="prefill"`` first
+            round grows its tree until the target has prefilled (up to `max_drafts` nodes).
     """
 
     kind: Literal["fixed", "confidence"] = "fixed"
@@ -56,6 +60,7 @@ class DraftPolicy:
     decode_gamma: int = 5
     threshold: float = 0.5
     max_drafts: int = 32
+    tree: TreeShape | None = None
 
     def __post_init__(self):
         if self.kind not in ("fixed", "confidence"):
@@ -70,13 +75,16 @@ class DraftPolicy:
                 raise ValueError(f"DraftPolicy.{name} must be an int >= 1, got {value!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"DraftPolicy.threshold must lie in (0, 1], got {self.threshold!r}")
+        if isinstance(self.tree, dict):  # from a record's to_dict
+            object.__setattr__(self, "tree", TreeShape(**self.tree))
 
     @property
     def name(self) -> str:
         """Short label for reports, e.g. ``fixed-5``, ``fixed-prefill``, ``confidence-0.5``."""
+        tree = f"-tree{self.tree.nodes}x{self.tree.top_k}" if self.tree else ""
         if self.kind == "confidence":
-            return f"confidence-{self.threshold:g}"
-        return f"fixed-{self.gamma}"
+            return f"confidence-{self.threshold:g}{tree}"
+        return f"fixed-{self.gamma}{tree}"
 
     def round_cap(self, first_round: bool) -> int:
         """Most drafts this round may propose."""
@@ -118,10 +126,18 @@ class DraftState:
 
 @dataclass
 class Proposal:
-    """Draft tokens of one round and the drafter's top-1 probability for each."""
+    """Draft tokens of one round and the drafter's probability for each (a chain: its top-1;
+    a tree: the node's path probability, with ``parents`` as in `trees.DraftTree`)."""
 
     tokens: list[int]
     confidences: list[float]
+    parents: list[int] | None = None
+
+    def tree(self) -> DraftTree:
+        """The drafts as a tree (a chain's parents are the previous drafts)."""
+        if self.parents is None:
+            return DraftTree.chain(self.tokens)
+        return DraftTree(self.tokens, self.parents, self.confidences)
 
 
 class Drafter(Protocol):
@@ -130,6 +146,8 @@ class Drafter(Protocol):
     def prefill(self, inputs: Any) -> DraftState: ...
 
     def next_token(self, state: DraftState) -> tuple[int, float]: ...
+
+    def candidates(self, state: DraftState, k: int) -> list[tuple[int, float]]: ...
 
     def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState: ...
 
@@ -163,6 +181,8 @@ def propose(
     Returns:
         The drafter state after the round and the proposal.
     """
+    if policy.tree is not None:
+        return propose_tree(drafter, state, policy, limit, first_round, target_ready, eos_token_id)
     tokens: list[int] = []
     confidences: list[float] = []
     cap = min(limit, policy.round_cap(first_round))
@@ -180,6 +200,38 @@ def propose(
             break
         state = drafter.feed(state, [token])
     return state, Proposal(tokens, confidences)
+
+
+def propose_tree(
+    drafter: Drafter,
+    state: DraftState,
+    policy: DraftPolicy,
+    limit: int,
+    first_round: bool,
+    target_ready: Callable[[], bool] = lambda: True,
+    eos_token_id: int | None = None,
+) -> tuple[DraftState, Proposal]:
+    """`propose` for a tree policy: `trees.grow_tree` over the drafter's top-k, moving the
+    drafter between branches with `sync` (its state ends on whichever branch it read last)."""
+    base = list(state.fed)
+
+    def expand(tree: DraftTree, node: int) -> list[tuple[int, float]]:
+        nonlocal state
+        state = sync(drafter, state, base + [tree.tokens[j] for j in tree.path(node)])
+        return drafter.candidates(state, policy.tree.top_k)
+
+    waits = policy.waits_for_target(first_round)
+    shape = policy.tree
+    if waits:  # round 1: grow until the target has prefilled
+        shape = TreeShape(max(shape.nodes, policy.max_drafts), shape.top_k)
+    tree = grow_tree(
+        expand,
+        shape,
+        min(limit, policy.round_cap(first_round)),
+        eos_token_id,
+        stop=(lambda: target_ready()) if waits else (lambda: False),
+    )
+    return state, Proposal(tree.tokens, tree.scores, tree.parents)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -240,7 +292,7 @@ class AdapterDrafter:
         )
 
     @torch.inference_mode()
-    def next_token(self, state: DraftState) -> tuple[int, float]:
+    def _probs(self, state: DraftState) -> torch.Tensor:
         dtype = next(self.adapter.parameters()).dtype
         if self.adapter.is_sequence:
             hidden = state.hidden.to(dtype)  # (1, n + 1, D): answer positions 0..n
@@ -251,9 +303,15 @@ class AdapterDrafter:
             adapted = self.adapter(hidden, **kwargs)[:, -1]  # (1, D_target)
         else:
             adapted = self.adapter(state.hidden[:, -1:].to(dtype))[:, -1]  # (1, D_target)
-        probs = self.target_head(adapted)[0].softmax(dim=-1)  # (V,)
-        confidence, token = probs.max(dim=-1)
-        return int(token), float(confidence)
+        return self.target_head(adapted)[0].softmax(dim=-1)  # (V,)
+
+    def next_token(self, state: DraftState) -> tuple[int, float]:
+        return self.candidates(state, 1)[0]
+
+    def candidates(self, state: DraftState, k: int) -> list[tuple[int, float]]:
+        """The k most probable next tokens with their probabilities, best first."""
+        top = self._probs(state).topk(k)
+        return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
     def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState:
         ids = torch.tensor([list(tokens)], device=state.hidden.device)  # (1, k)
@@ -318,6 +376,18 @@ class ScriptedDrafter:
 
     def next_token(self, state: DraftState) -> tuple[int, float]:
         return self.proposal(len(state.fed))
+
+    def candidates(self, state: DraftState, k: int) -> list[tuple[int, float]]:
+        """The scripted token first; then the reference token where the script is wrong (a
+        second branch that rescues the miss) or a wrong one where it is right, sharing the
+        rest of the probability."""
+        position = len(state.fed)
+        first, confidence = self.proposal(position)
+        right = self.reference[position] if position < len(self.reference) else 0
+        others = [right if first != right else (right + 2) % self.vocab_limit]
+        others += [(right + 3 + j) % self.vocab_limit for j in range(k - 2)]
+        share = (1.0 - confidence) / max(1, k - 1)
+        return [(first, confidence), *((t, share) for t in others)][:k]
 
     def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState:
         time.sleep(

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from cross_modal_sd.adapters.head import FeatureHead, HeadCache
-from cross_modal_sd.decoding.drafters import DraftPolicy, Proposal, ScriptedDrafter
+from cross_modal_sd.decoding.drafters import (
+    DraftPolicy,
+    DraftState,
+    Proposal,
+    ScriptedDrafter,
+    common_prefix_len,
+)
+from cross_modal_sd.decoding.trees import grow_tree
 from cross_modal_sd.models.wrappers import MaskedHead
 
 
@@ -78,7 +85,10 @@ class HeadDrafter:
     def propose(
         self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
     ) -> tuple[HeadState, Proposal]:
-        """One round of drafts from a synced state (at most ``limit``); fed back but the last."""
+        """One round of drafts from a synced state (at most ``limit`` deep); a chain's drafts
+        are fed back but the last; a tree policy grows a tree (`propose_tree`)."""
+        if policy.tree is not None:
+            return self.propose_tree(state, policy, limit, eos_token_id)
         tokens: list[int] = []
         confidences: list[float] = []
         cap = min(limit, policy.round_cap(first_round=False))
@@ -100,6 +110,42 @@ class HeadDrafter:
             # its own estimate and its own draft (the argmax tensor itself: no new tensor)
             last = self.head.step(state.cache, last, best.view(1, 1))
         return HeadState(state.cache, state.true, last), Proposal(tokens, confidences)
+
+    @torch.inference_mode()
+    def propose_tree(
+        self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
+    ) -> tuple[HeadState, Proposal]:
+        """A dynamic draft tree (`trees.grow_tree`) from a synced state.
+
+        Expanding node i needs the head's output at i: its cache holds the synced answer's
+        pairs, then the pairs of one branch; switching branches rewinds to the common prefix
+        and reads the new branch's pairs (each its parent's output and its token) in one step.
+        """
+        cache, base = state.cache, state.cache.length
+        outputs: dict[int, torch.Tensor] = {-1: state.last}  # node -> the head's output there
+        branch: list[int] = []  # the nodes whose pairs follow the synced answer in the cache
+        dtype = self.head.out.weight.dtype
+
+        def expand(tree, node: int) -> list[tuple[int, float]]:
+            nonlocal branch
+            if node not in outputs:
+                path = tree.path(node)
+                keep = common_prefix_len(branch, path)
+                cache.rewind(base + keep)
+                new = path[keep:]
+                h = torch.cat([outputs[tree.parents[j]] for j in new], dim=1).to(dtype)
+                ids = torch.tensor([[tree.tokens[j] for j in new]], device=h.device)
+                out = self.head.step(cache, h, ids)  # (1, len(new), D)
+                for k, j in enumerate(new):
+                    outputs[j] = out[:, k : k + 1]
+                branch = path
+            probs = (outputs[node][0, -1] @ self.weight).softmax(dim=-1)
+            top = probs.topk(policy.tree.top_k)
+            return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+        depth = min(limit, policy.round_cap(first_round=False))
+        tree = grow_tree(expand, policy.tree, depth, eos_token_id)
+        return state, Proposal(tree.tokens, tree.scores, tree.parents)
 
 
 class ScriptedHead(ScriptedDrafter):
@@ -125,9 +171,17 @@ class ScriptedHead(ScriptedDrafter):
     def propose(
         self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
     ) -> tuple[HeadState, Proposal]:
+        cap = min(limit, policy.round_cap(first_round=False))
+        if policy.tree is not None:  # the script's candidates at each node's answer position
+
+            def expand(tree, node: int) -> list[tuple[int, float]]:
+                fed = [0] * (len(state.true) + len(tree.path(node)))
+                return self.candidates(DraftState(fed=fed), policy.tree.top_k)
+
+            tree = grow_tree(expand, policy.tree, cap, eos_token_id)
+            return state, Proposal(tree.tokens, tree.scores, tree.parents)
         tokens: list[int] = []
         confidences: list[float] = []
-        cap = min(limit, policy.round_cap(first_round=False))
         while len(tokens) < cap:
             token, confidence = self.proposal(len(state.true) + len(tokens))
             if policy.drops(len(tokens), confidence):

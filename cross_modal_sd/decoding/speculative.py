@@ -27,12 +27,13 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from cross_modal_sd.decoding.drafters import DraftPolicy
+from cross_modal_sd.decoding.drafters import DraftPolicy, Proposal
 from cross_modal_sd.decoding.heads import HeadDrafter
 from cross_modal_sd.decoding.inputs import TargetInputs
 from cross_modal_sd.decoding.runners import NOT_RUN, DraftRunner, LocalRunner
 from cross_modal_sd.decoding.sampling import GREEDY, GREEDY_CHOOSER, Sampling, TokenChooser
 from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, thread_budget, timed_span
+from cross_modal_sd.decoding.trees import DraftTree, verify_tree
 from cross_modal_sd.models.wrappers import TargetDecoder, crop_cache
 
 DECODE_PHASES = ("autoregressive", "draft_model", "head")
@@ -68,6 +69,12 @@ class SDConfig:
             raise ValueError(f"SDConfig.decode must be one of {DECODE_PHASES}, got {self.decode!r}")
         if self.round1 not in ROUND1_KINDS:
             raise ValueError(f"SDConfig.round1 must be one of {ROUND1_KINDS}, got {self.round1!r}")
+        if self.policy.tree is not None and not self.sampling.greedy:
+            raise ValueError(
+                f"{self.policy.name}: draft trees are verified greedily only (sampling over a "
+                f"tree needs recursive rejection sampling, not implemented); use a chain policy "
+                f"or temperature 0"
+            )
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SDConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
@@ -236,6 +243,20 @@ def verify(
     return new, accepted, committed
 
 
+def verify_round(
+    target: TargetDecoder,
+    state: TargetState,
+    drafts: Sequence[int] | DraftTree,
+    chooser: TokenChooser = GREEDY_CHOOSER,
+) -> tuple[TargetState, int, list[int]]:
+    """`verify` for a chain of drafts, `trees.verify_tree` for a tree (greedy): the new
+    state, the number of accepted drafts and the committed tokens."""
+    if isinstance(drafts, DraftTree):
+        state, path, committed = verify_tree(target, state, drafts)
+        return state, len(path), committed
+    return verify(target, state, drafts, chooser)
+
+
 def speculative_generate(
     target: TargetDecoder,
     drafter: DraftRunner | Any,
@@ -314,11 +335,20 @@ def speculative_generate(
     if r1 is not None:
         busy.append([r1.prefill.start, r1.drafting.end, r1.threads])
     d_pre, d_span = (r1.prefill, r1.drafting) if r1 is not None else (NOT_RUN, NOT_RUN)
-    drafts = r1.proposal.tokens if r1 is not None else []
+    proposal = r1.proposal if r1 is not None else Proposal([], [])
     # d0 is checked against the prefill's own row (accepted, or the target's token instead);
     # only d1.. need a target forward (after d0). With no d1 that forward would verify
-    # nothing, so it is left to the next round.
-    accepted, first = chooser.choose(out.logits[0, -1:], drafts[:1])
+    # nothing, so it is left to the next round. A tree: the root's child equal to the
+    # prefill's greedy token, if any, and its subtree.
+    drafts, rest = proposal.tokens, proposal.tokens[1:]
+    if proposal.parents is None:
+        accepted, first = chooser.choose(out.logits[0, -1:], drafts[:1])
+    else:
+        _, first = chooser.choose(out.logits[0, -1:], [])
+        tree = proposal.tree()
+        match = [c for c in tree.children(-1) if tree.tokens[c] == first[0]]
+        accepted = int(bool(match))
+        rest = tree.subtree(match[0]) if match else []
     state = TargetState(out.cache, out.cache.get_seq_length(), first, out.hidden[:, -1:])
     sigma = state.states  # σ_{-1} .. σ_{len(answer) - 2}: what a head reads
     answer, done = extend_answer([], state.answer, eos, cap)
@@ -327,9 +357,9 @@ def speculative_generate(
     with thread_budget(threads.decode if cpu else None):
         decode_threads = torch.get_num_threads()
         committed_per_round = [1]
-        if accepted and len(drafts) > 1 and not done:
+        if accepted and len(rest) > 0 and not done:
             with timed_span(device, verify_spans):
-                state, more, committed = verify(target, state, drafts[1:], chooser)
+                state, more, committed = verify_round(target, state, rest, chooser)
             accepted += more
             forwards += 1
             answer, done = extend_answer(answer, committed, eos, cap)
@@ -357,11 +387,11 @@ def speculative_generate(
                     r_span, r_threads, proposal = r.drafting, r.threads, r.proposal
                 draft_spans.append(r_span)
                 busy.append([r_span.start, r_span.end, r_threads])
-                drafts = proposal.tokens
+                drafts = proposal.tokens if proposal.parents is None else proposal.tree()
             spans = verify_spans if drafting else step_spans
             with timed_span(device, spans):
                 # Without drafts: one plain greedy step.
-                state, n_ok, committed = verify(target, state, drafts, chooser)
+                state, n_ok, committed = verify_round(target, state, drafts, chooser)
             if drafting:
                 drafted_per_round.append(len(drafts))
                 accepted_per_round.append(n_ok)

@@ -9,6 +9,7 @@ versions (the cache keyword, the sign convention of `crop`) are handled here and
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,22 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
     if length == current:
         return
     cache.crop(length - current if _NEGATIVE_CROP else length)
+
+
+def gather_cache(cache: DynamicCache, keep: int, rows: Sequence[int]) -> None:
+    """Keeps the first `keep` positions of every layer of `cache`, then the positions `rows`
+    (in that order), in place: a draft tree's accepted path after its verification."""
+    index = torch.tensor([*range(keep), *rows])
+    if hasattr(cache, "layers"):  # transformers >= 4.56: one object per layer
+        for layer in cache.layers:
+            index = index.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        return
+    for i, (keys, values) in enumerate(zip(cache.key_cache, cache.value_cache, strict=True)):
+        index = index.to(keys.device)
+        cache.key_cache[i] = keys.index_select(-2, index)
+        cache.value_cache[i] = values.index_select(-2, index)
 
 
 class MaskedHead(torch.nn.Module):
@@ -86,9 +103,22 @@ class _Decoder:
         return ForwardOut(hidden=hidden, logits=self.logits(hidden), cache=cache)
 
     @torch.inference_mode()
-    def forward_tokens(self, tokens: torch.Tensor, cache: DynamicCache) -> ForwardOut:
-        """Feeds tokens (B, k) after the cached context; returns all k positions."""
-        return self._run(cache, None, input_ids=tokens)
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        cache: DynamicCache,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> ForwardOut:
+        """Feeds tokens (B, k) after the cached context; returns all k positions.
+
+        A draft tree passes its own 4-D additive ``attention_mask`` (B, 1, k, past + k) and
+        ``position_ids`` (B, k); the default is causal, positions after the cache.
+        """
+        extra = {}
+        if attention_mask is not None:
+            extra = {"attention_mask": attention_mask, "position_ids": position_ids}
+        return self._run(cache, None, input_ids=tokens, **extra)
 
 
 class TargetDecoder(_Decoder):
