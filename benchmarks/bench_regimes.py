@@ -18,6 +18,8 @@ saw them; repeats show the run-to-run spread). It writes, into ``--out``:
 
     python benchmarks/bench_regimes.py                                   # the default world
     python benchmarks/bench_regimes.py --models mini mini_p15 --repeats 3 --count 20
+    python benchmarks/bench_regimes.py --strategies head head_tree hybrid hybrid_tree   # trees
+    python benchmarks/bench_regimes.py --set sampling.temperature=1.0                   # T = 1
 
 Time everything on an idle machine: every figure is a wall-clock measurement.
 """
@@ -80,6 +82,7 @@ def evaluate(
             f"source.count={args.count}",
             f"source.start={args.start}",
             f"cores={args.cores}",
+            *args.set,
             "logger=none",
             f"hydra.run.dir={out}",
         ]
@@ -100,6 +103,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         nargs="+",
         default=list(STRATEGIES),
         help="evaluate.py strategies timed next to the baseline",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further evaluate.py overrides, e.g. sampling.temperature=1.0 decoding.tree.top_k=4",
     )
     parser.add_argument("--out", default="outputs/bench_regimes", help="output folder")
     args = parser.parse_args(argv)

@@ -276,6 +276,31 @@ def test_bad_sampling_settings_are_rejected_before_timing(world, node, match):
         run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], _cfg(sampling=node))
 
 
+def test_tree_strategies_are_lossless_named_and_not_priced_as_chains(world):
+    cfg = _cfg(
+        strategies=["sd_fixed_tree", "hybrid_tree", "head_tree", "head"],
+        head_ckpt=str(world.head_ckpt),
+        cost_profile=True,
+    )
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg, "own_device")
+    assert report["lossless"] is True
+    names = ["sd_fixed_draft_model_tree", "hybrid_tree", "head_tree", "head"]
+    assert list(report["strategies"]) == ["baseline", *names]
+    for r in records:
+        policy = r["strategies"]["hybrid_tree"]["config"]["policy"]
+        assert policy["tree"] == {"nodes": 12, "top_k": 2}
+    assert report["strategies"]["head_tree"]["method"] == "sd/none/fixed-prefill-tree12x2/head"
+    assert "predicted_speedup" not in report["strategies"]["head_tree"]
+    assert "predicted_speedup" in report["strategies"]["head"]
+    assert any("the speedup model prices chains" in w for w in report["warnings"])
+
+
+def test_tree_strategies_refuse_sampling(world):
+    cfg = _cfg(strategies=["sd_fixed_tree"], sampling={"temperature": 1.0})
+    with pytest.raises(ValueError, match="verified greedily only"):
+        run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], cfg)
+
+
 def test_head_strategies_need_a_head_export(world, tmp_path):
     cfg = _cfg(strategies=["head", "hybrid", "sd_fixed"])
     report, _ = run_e2e(world.pair, load_export(world.ckpt), world.samples[:2], cfg)

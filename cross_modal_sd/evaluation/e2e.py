@@ -496,8 +496,14 @@ def summarize_e2e(
                     head_acceptance = acceptance.with_head(setup.head_export)
                 except ValueError as err:
                     warnings.append(f"no predicted_speedup for the head strategies: {err}")
+            trees = [s.name for s in strategies if s.sd is not None and s.sd.policy.tree]
+            if trees:
+                warnings.append(
+                    f"no predicted_speedup for {trees}: the speedup model prices chains of "
+                    f"drafts, not trees"
+                )
             for s in strategies:
-                if s.kind != "sd":
+                if s.kind != "sd" or s.name in trees:
                     continue
                 acc = head_acceptance if s.sd.decode == "head" else acceptance
                 if acc is None:

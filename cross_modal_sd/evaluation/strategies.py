@@ -7,10 +7,10 @@ name, and every SD record stores the configuration it ran with (`SDResult.config
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from cross_modal_sd.decoding import GREEDY, DraftPolicy, Sampling, SDConfig
+from cross_modal_sd.decoding import GREEDY, DraftPolicy, Sampling, SDConfig, TreeShape
 from cross_modal_sd.evaluation.report import BASELINE
 
 __all__ = [
@@ -26,7 +26,7 @@ POLICY_KINDS = ("fixed", "confidence")
 CROSS_MODAL_PHASES = ("autoregressive", "draft_model")
 PEERS = ("prompt_lookup", "assisted", "wrapper_greedy")
 # name -> (round 1, draft-length policy, decode phase; None = the `decoding` config's phase)
-SD_STRATEGIES: dict[str, tuple[str, str, str | None]] = {
+_CHAINS: dict[str, tuple[str, str, str | None]] = {
     **{f"sd_{kind}": ("cross_modal", kind, None) for kind in POLICY_KINDS},
     **{
         f"sd_{kind}_{phase}": ("cross_modal", kind, phase)
@@ -38,6 +38,9 @@ SD_STRATEGIES: dict[str, tuple[str, str, str | None]] = {
     "head": ("none", "fixed", "head"),
     "hybrid": ("cross_modal", "fixed", "head"),
 }
+# Every configuration also drafts trees (`<name>_tree`: `decoding.tree`, greedy only).
+TREE_SUFFIX = "_tree"
+SD_STRATEGIES = {**_CHAINS, **{f"{name}{TREE_SUFFIX}": v for name, v in _CHAINS.items()}}
 HEAD_STRATEGIES = ("head", "hybrid")
 
 
@@ -78,7 +81,8 @@ def parse_strategies(
 
     ``sd_<policy>`` takes the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it;
     ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
-    (round 1: none, or cross-modal drafts while the target prefills). The other policies'
+    (round 1: none, or cross-modal drafts while the target prefills); ``<name>_tree`` drafts
+    trees of ``decoding.tree`` instead of chains (greedy only). The other policies'
     settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
     ``confidence.threshold``, ``max_drafts``); every SD configuration decodes with `sampling`.
 
@@ -98,12 +102,18 @@ def parse_strategies(
         round1, kind, phase = SD_STRATEGIES[name]
         phase = phase or decoding["phase"]
         policy = draft_policy(kind, decoding)
-        if name in HEAD_STRATEGIES:  # round 1 drafts inside the prefill window; the head after
+        tree = name.endswith(TREE_SUFFIX)
+        base = name.removesuffix(TREE_SUFFIX)
+        if base in HEAD_STRATEGIES:  # round 1 drafts inside the prefill window; the head after
             policy = DraftPolicy(
                 gamma="prefill",
                 decode_gamma=int(decoding.get("head_gamma", 8)),
                 max_drafts=policy.max_drafts,
             )
+        if tree:
+            node = decoding.get("tree") or {}
+            shape = TreeShape(int(node.get("nodes", 12)), int(node.get("top_k", 2)))
+            policy = replace(policy, tree=shape)
         config = SDConfig(
             policy=policy,
             decode=phase,
@@ -112,6 +122,7 @@ def parse_strategies(
             round1=round1,
             sampling=sampling,
         )
-        canonical = name if name in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
+        canonical = base if base in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
+        canonical += TREE_SUFFIX if tree else ""
         out.setdefault(canonical, Strategy(canonical, "sd", config))
     return list(out.values())

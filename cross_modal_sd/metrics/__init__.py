@@ -12,6 +12,7 @@ from cross_modal_sd.metrics.functional import (
     position_acceptance,
     token_accept_len,
     token_match,
+    topk_hits,
 )
 from cross_modal_sd.metrics.modules import (
     DEFAULT_TAUS,
@@ -40,6 +41,7 @@ __all__ = [
     "cosine",
     "draft_tokens",
     "draft_top1",
+    "topk_hits",
     "leading_run",
     "position_acceptance",
     "token_accept_len",

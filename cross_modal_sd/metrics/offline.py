@@ -13,8 +13,10 @@ from torchmetrics import Metric
 
 from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
-from cross_modal_sd.metrics.functional import cosine, draft_top1, leading_run
+from cross_modal_sd.metrics.functional import cosine, draft_top1, leading_run, topk_hits
 from cross_modal_sd.metrics.modules import DEFAULT_TAUS, AlignmentMetrics
+
+TREE_TOP_K = (2, 4)  # tree widths of the offline `tree_accept_len_top<k>` metrics
 
 
 def previous_tokens(tokens: Tensor, prompt_last_token: int) -> Tensor:
@@ -52,7 +54,9 @@ def offline_metrics(
         prompt_last_token: token before answer position 0, for token-fusing adapters.
 
     Returns:
-        ``{"metrics": scalars, "curves": lists}`` and per-sample rows (``sample_id``, ``length``,
+        ``{"metrics": scalars, "curves": lists}`` (scalars include ``tree_accept_len_top<k>``:
+        the mean accepted length of a draft tree holding the top-k at every depth, see
+        `functional.topk_hits`) and per-sample rows (``sample_id``, ``length``,
         ``accepted_len``, ``token_match``, ``cos_sim``, and per position ``match`` and
         ``confidence``: the teacher-forced acceptance sequences of the speedup model).
     """
@@ -71,6 +75,7 @@ def offline_metrics(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs)
     dtype = next(adapter.parameters()).dtype
     rows = []
+    tree_runs = dict.fromkeys(TREE_TOP_K, 0)
     for batch in loader:
         h, mask, tokens = batch["h_draft"].to(dtype), batch["mask"], batch["tokens"]
         kwargs = {}
@@ -81,6 +86,9 @@ def offline_metrics(
         drafts, confidence = draft_top1(pred, lm_head, vocab_limit)  # (B, T) each
         hits = drafts == tokens  # (B, T)
         runs = leading_run(hits, mask)  # (B,)
+        for k in TREE_TOP_K:
+            top = topk_hits(pred, lm_head, tokens, k, vocab_limit)
+            tree_runs[k] += int(leading_run(top, mask).sum())
         cos = cosine(pred, batch["h_target"], mask)  # (B, T)
         lengths = mask.sum(dim=1)  # (B,)
         for b, sample_id in enumerate(batch["sample_id"]):
@@ -97,6 +105,8 @@ def offline_metrics(
                 }
             )
     scalars = {k: float(v) for k, v in metrics.compute().items()}
+    for k, total in tree_runs.items():
+        scalars[f"tree_accept_len_top{k}"] = total / len(rows) if rows else float("nan")
     curves = {k: v.tolist() for k, v in metrics.compute_curves().items()}
     return {"metrics": scalars, "curves": curves}, rows
 
