@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
-from random_models import liven
+from random_models import TinyTarget
 
 from cross_modal_sd.decoding import (
     DecodeSpec,
@@ -25,7 +25,6 @@ from cross_modal_sd.decoding import (
     ScriptedDrafter,
     ScriptedHead,
     SDConfig,
-    TargetInputs,
     TokenChooser,
     hf_greedy,
     loop_tokens,
@@ -33,10 +32,6 @@ from cross_modal_sd.decoding import (
     thread_budget,
     wrapper_greedy,
 )
-from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_target
-from cross_modal_sd.models.prompts import encode_target_prompt
-from cross_modal_sd.models.wrappers import TargetDecoder
-from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
 SAMPLING = Sampling(temperature=0.7, top_k=3)
 LENGTH = 3  # answer tokens compared
@@ -44,25 +39,16 @@ RUNS = 800
 ALPHA = 1e-3
 
 
-class Tiny:
+class Tiny(TinyTarget):
     """A tiny target, one prompt, the exact distribution of its first `LENGTH` tokens."""
 
     def __init__(self):
-        torch.manual_seed(0)
-        self.tok = build_tokenizer()
-        self.limit = text_vocab_limit(self.tok)
-        self.eos = self.tok.eos_token_id
-        model = build_target(self.tok, TowerSize(), DecoderSize(layers=2), 32, 2).eval()
-        liven(model)
-        self.model = model
-        self.target = TargetDecoder(model, self.limit)
-        ids = encode_target_prompt(self.tok, "what colour is the car ?", 2 * TowerSize().tokens(32))
-        self.inputs = TargetInputs(
-            torch.tensor([ids]), torch.randn(1, 2, 3, 32, 32, generator=torch.Generator())
-        )
+        super().__init__()
+        self.inputs = self.videos[0]
         self.spec = DecodeSpec(LENGTH, self.limit, self.eos, SAMPLING)
         self.exact = self._exact()
-        self.greedy = hf_greedy(model, self.inputs, DecodeSpec(LENGTH, self.limit, self.eos)).tokens
+        spec = DecodeSpec(LENGTH, self.limit, self.eos)
+        self.greedy = hf_greedy(self.model, self.inputs, spec).tokens
 
     def _exact(self) -> dict[tuple[int, ...], float]:
         """P(answer[:LENGTH]) for every answer the sampler can give (enumerated)."""

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from random_models import liven
+from random_models import TinyTarget
 
 from cross_modal_sd.decoding import (
     DecodeSpec,
@@ -18,7 +18,6 @@ from cross_modal_sd.decoding import (
     ScriptedDrafter,
     ScriptedHead,
     SDConfig,
-    TargetInputs,
     TargetState,
     TreeShape,
     grow_tree,
@@ -27,10 +26,6 @@ from cross_modal_sd.decoding import (
     thread_budget,
     verify_tree,
 )
-from cross_modal_sd.models.architectures import DecoderSize, TowerSize, build_target
-from cross_modal_sd.models.prompts import encode_target_prompt
-from cross_modal_sd.models.wrappers import TargetDecoder
-from cross_modal_sd.world.tokenizer import build_tokenizer, text_vocab_limit
 
 ATOL = 1e-5  # fp32: a tree row and its chain forward differ by summation order only
 MAX_NEW = 10
@@ -134,26 +129,10 @@ def test_grow_tree_respects_depth_eos_and_stop():
 # --- verification on a tiny target ---------------------------------------------------------
 
 
-class Tiny:
+class Tiny(TinyTarget):
     def __init__(self):
-        torch.manual_seed(0)
-        self.tok = build_tokenizer()
-        self.limit = text_vocab_limit(self.tok)
-        self.eos = self.tok.eos_token_id
-        self.model = build_target(self.tok, TowerSize(), DecoderSize(layers=2), 32, 2).eval()
-        liven(self.model)
-        self.target = TargetDecoder(self.model, self.limit)
-        ids = encode_target_prompt(self.tok, "is it day or night ?", 2 * TowerSize().tokens(32))
-        self.inputs = [
-            TargetInputs(
-                torch.tensor([ids]), torch.randn(1, 2, 3, 32, 32, generator=torch.Generator())
-            )
-        ]
-        for seed in range(1, 6):
-            g = torch.Generator().manual_seed(seed)
-            self.inputs.append(
-                TargetInputs(self.inputs[0].input_ids, torch.randn(1, 2, 3, 32, 32, generator=g))
-            )
+        super().__init__("is it day or night ?", videos=6)
+        self.inputs = self.videos
         spec = DecodeSpec(MAX_NEW, self.limit, self.eos)
         self.reference = [hf_greedy(self.model, t, spec, warmup=0).tokens for t in self.inputs]
 

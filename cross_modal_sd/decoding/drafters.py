@@ -182,7 +182,9 @@ def propose(
         The drafter state after the round and the proposal.
     """
     if policy.tree is not None:
-        return propose_tree(drafter, state, policy, limit, first_round, target_ready, eos_token_id)
+        depth = min(limit, policy.round_cap(first_round))
+        ready = target_ready if policy.waits_for_target(first_round) else None
+        return _propose_tree(drafter, state, policy, depth, ready, eos_token_id)
     tokens: list[int] = []
     confidences: list[float] = []
     cap = min(limit, policy.round_cap(first_round))
@@ -202,17 +204,18 @@ def propose(
     return state, Proposal(tokens, confidences)
 
 
-def propose_tree(
+def _propose_tree(
     drafter: Drafter,
     state: DraftState,
     policy: DraftPolicy,
-    limit: int,
-    first_round: bool,
-    target_ready: Callable[[], bool] = lambda: True,
-    eos_token_id: int | None = None,
+    depth: int,
+    target_ready: Callable[[], bool] | None,
+    eos_token_id: int | None,
 ) -> tuple[DraftState, Proposal]:
     """`propose` for a tree policy: `trees.grow_tree` over the drafter's top-k, moving the
-    drafter between branches with `sync` (its state ends on whichever branch it read last)."""
+    drafter between branches with `sync` (its state ends on whichever branch it read last).
+    With `target_ready` (a ``prefill`` round 1) the tree grows until it returns True, up to
+    `max_drafts` nodes."""
     base = list(state.fed)
 
     def expand(tree: DraftTree, node: int) -> list[tuple[int, float]]:
@@ -220,17 +223,10 @@ def propose_tree(
         state = sync(drafter, state, base + [tree.tokens[j] for j in tree.path(node)])
         return drafter.candidates(state, policy.tree.top_k)
 
-    waits = policy.waits_for_target(first_round)
     shape = policy.tree
-    if waits:  # round 1: grow until the target has prefilled
+    if target_ready is not None:
         shape = TreeShape(max(shape.nodes, policy.max_drafts), shape.top_k)
-    tree = grow_tree(
-        expand,
-        shape,
-        min(limit, policy.round_cap(first_round)),
-        eos_token_id,
-        stop=(lambda: target_ready()) if waits else (lambda: False),
-    )
+    tree = grow_tree(expand, shape, depth, eos_token_id, stop=target_ready or (lambda: False))
     return state, Proposal(tree.tokens, tree.scores, tree.parents)
 
 

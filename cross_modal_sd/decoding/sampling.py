@@ -18,8 +18,9 @@ target's own sampling (tested by a chi-square test in ``tests/test_sampling.py``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -57,6 +58,26 @@ class Sampling:
             raise ValueError(f"sampling.top_p must lie in (0, 1], got {self.top_p!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"sampling.seed must be an int, got {self.seed!r}")
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any] | None) -> Sampling:
+        """The settings of a config node (``conf/evaluate.yaml``'s ``sampling``; None: greedy).
+
+        Raises:
+            ValueError: a bad setting, or an unknown key.
+        """
+        node = dict(node or {})
+        known = {"temperature", "top_k", "top_p", "seed"}
+        if set(node) - known:
+            raise ValueError(
+                f"sampling: unknown keys {sorted(set(node) - known)}; known: {sorted(known)}"
+            )
+        return cls(
+            temperature=float(node.get("temperature", 0.0)),
+            top_k=int(node.get("top_k", 0)),
+            top_p=float(node.get("top_p", 1.0)),
+            seed=int(node.get("seed", 0)),
+        )
 
     @property
     def greedy(self) -> bool:

@@ -142,7 +142,7 @@ def prepare_e2e(
     """
     checkpoint = check_export_fits(export, pair, cache_dir)
     max_new = resolve_max_new_tokens(cfg.get("max_new_tokens"), pair.max_new_tokens)
-    sampling = sampling_settings(cfg.get("sampling"))
+    sampling = Sampling.from_node(cfg.get("sampling"))
     strategies = parse_strategies(
         cfg["strategies"], cfg["decoding"], max_new, pair.eos_id, sampling
     )
@@ -192,26 +192,6 @@ def prepare_e2e(
         head=head,
         head_export=head_export,
         head_checkpoint=head_checkpoint,
-    )
-
-
-def sampling_settings(node: Mapping[str, Any] | None) -> Sampling:
-    """The `Sampling` of an ``evaluate.yaml`` ``sampling`` node (None: greedy).
-
-    Raises:
-        ValueError: a bad setting (`Sampling`'s message), or an unknown key.
-    """
-    node = dict(node or {})
-    known = {"temperature", "top_k", "top_p", "seed"}
-    if set(node) - known:
-        raise ValueError(
-            f"sampling: unknown keys {sorted(set(node) - known)}; known: {sorted(known)}"
-        )
-    return Sampling(
-        temperature=float(node.get("temperature", 0.0)),
-        top_k=int(node.get("top_k", 0)),
-        top_p=float(node.get("top_p", 1.0)),
-        seed=int(node.get("seed", 0)),
     )
 
 
