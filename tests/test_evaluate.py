@@ -276,21 +276,23 @@ def test_bad_sampling_settings_are_rejected_before_timing(world, node, match):
         run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], _cfg(sampling=node))
 
 
-def test_tree_strategies_are_lossless_named_and_not_priced_as_chains(world):
+def test_tree_and_fused_strategies_are_lossless_named_and_not_priced_as_chains(world):
     cfg = _cfg(
-        strategies=["sd_fixed_tree", "hybrid_tree", "head_tree", "head"],
+        strategies=["sd_fixed_tree", "hybrid_tree", "head_tree", "head", "hybrid_fused"],
         head_ckpt=str(world.head_ckpt),
         cost_profile=True,
     )
     report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg, "own_device")
     assert report["lossless"] is True
-    names = ["sd_fixed_draft_model_tree", "hybrid_tree", "head_tree", "head"]
+    names = ["sd_fixed_draft_model_tree", "hybrid_tree", "head_tree", "head", "hybrid_fused"]
     assert list(report["strategies"]) == ["baseline", *names]
     for r in records:
         policy = r["strategies"]["hybrid_tree"]["config"]["policy"]
         assert policy["tree"] == {"nodes": 12, "top_k": 2}
     assert report["strategies"]["head_tree"]["method"] == "sd/none/fixed-prefill-tree12x2/head"
     assert "predicted_speedup" not in report["strategies"]["head_tree"]
+    fused = report["strategies"]["hybrid_fused"]
+    assert fused["method"] == "sd/fused/fixed-prefill/head" and "predicted_speedup" not in fused
     assert "predicted_speedup" in report["strategies"]["head"]
     assert any("the speedup model prices chains" in w for w in report["warnings"])
 

@@ -178,6 +178,59 @@ def test_scripted_head_sd_equals_greedy(world, round1, script, expect):
         assert head.synced == [n for n in lengths if MAX_NEW - n > 1]
 
 
+@pytest.mark.parametrize(
+    "draft_script, head_script, saves",
+    [
+        ({}, {}, True),  # all right: round 1 and the head's first round in one forward
+        ({"wrong_at": (2,)}, {}, False),  # round 1 misses: the head's drafts were built on it
+        ({"correct_upto": 0}, {}, False),  # d0 rejected: nothing to build on, no head drafts
+        ({}, {"correct_upto": 0}, False),  # the head always wrong
+        ({}, {"wrong_at": (7,)}, True),
+    ],
+)
+def test_fused_round1_is_lossless_and_saves_a_forward(world, draft_script, head_script, saves):
+    """``fuse_round1``: the head drafts on from round 1's drafts (on the drafter's estimates of
+    the target's states) and one forward verifies both."""
+    policy = DraftPolicy(gamma="prefill", decode_gamma=4, max_drafts=4)
+    fused = world.config(policy, decode="head", fuse_round1=True)
+    plain = world.config(policy, decode="head")
+    saved = []
+    for i, reference in enumerate(world.reference):
+        runs = {}
+        for name, config in (("fused", fused), ("plain", plain)):
+            drafter = ScriptedDrafter(reference, world.limit, dim=DIM, **draft_script)
+            head = ScriptedHead(reference, world.limit, **head_script)
+            runs[name] = speculative_generate(
+                world.target, drafter, *world.inputs(i), config, head=head
+            )
+            _check(world, runs[name], i)
+        f, p = runs["fused"], runs["plain"]
+        saved.append(p.target_forwards - f.target_forwards)
+        if draft_script.get("correct_upto") == 0:
+            assert f.drafted == p.drafted  # the head drafted nothing in round 1
+    assert min(saved) >= 0 and (max(saved) > 0) == saves
+
+
+def test_fused_round1_with_real_drafters_is_lossless(world, trained_head):
+    head = HeadDrafter(trained_head, world.target.head)
+    config = world.config(DraftPolicy(gamma=3), decode="head", fuse_round1=True)
+    accepted = 0
+    for i in range(N_SAMPLES):
+        result = speculative_generate(
+            world.target, world.adapter_drafter("L1"), *world.inputs(i), config, head=head
+        )
+        _check(world, result, i)
+        accepted += result.accepted[0]
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"decode": "draft_model"}, {"round1": "none"}, {"tree": True}])
+def test_fused_round1_needs_a_cross_modal_round1_a_head_and_a_chain(kwargs):
+    policy = DraftPolicy(tree=TreeShape()) if kwargs.pop("tree", False) else DraftPolicy()
+    with pytest.raises(ValueError, match="fuse_round1 needs round1='cross_modal', decode='head'"):
+        SDConfig(policy=policy, **{"decode": "head", **kwargs}, fuse_round1=True)
+
+
 def test_head_rounds_commit_accepted_plus_one(world):
     i = next(i for i, r in enumerate(world.reference) if len(r) == MAX_NEW)
     head = ScriptedHead(world.reference[i], world.limit, wrong_at=(6,))

@@ -132,6 +132,7 @@ class Proposal:
     tokens: list[int]
     confidences: list[float]
     parents: list[int] | None = None
+    states: Any = None  # (k, D) array: the drafter's estimates of the target's states (round 1)
 
     def tree(self) -> DraftTree:
         """The drafts as a tree (a chain's parents are the previous drafts)."""
@@ -152,6 +153,8 @@ class Drafter(Protocol):
     def feed(self, state: DraftState, tokens: Sequence[int]) -> DraftState: ...
 
     def rewind(self, state: DraftState, n_keep: int) -> DraftState: ...
+
+    def estimates(self, state: DraftState) -> torch.Tensor: ...
 
 
 def propose(
@@ -288,16 +291,22 @@ class AdapterDrafter:
         )
 
     @torch.inference_mode()
-    def _probs(self, state: DraftState) -> torch.Tensor:
+    def estimates(self, state: DraftState) -> torch.Tensor:
+        """(1, len(fed) + 1, D_target): the adapter's estimate of the target's state at every
+        answer position the draft has read (the one whose `lm_head` row drafted that position)."""
         dtype = next(self.adapter.parameters()).dtype
-        if self.adapter.is_sequence:
-            hidden = state.hidden.to(dtype)  # (1, n + 1, D): answer positions 0..n
-            kwargs = {}
-            if self.adapter.uses_tokens:
-                previous = [state.prompt_last_token, *state.fed]  # token before each position
-                kwargs["tokens"] = torch.tensor([previous], device=hidden.device)
-            adapted = self.adapter(hidden, **kwargs)[:, -1]  # (1, D_target)
+        kwargs = {}
+        if self.adapter.uses_tokens:
+            previous = [state.prompt_last_token, *state.fed]
+            kwargs["tokens"] = torch.tensor([previous], device=state.hidden.device)
+        return self.adapter(state.hidden.to(dtype), **kwargs)
+
+    @torch.inference_mode()
+    def _probs(self, state: DraftState) -> torch.Tensor:
+        if self.adapter.is_sequence:  # re-run over answer positions 0..n: causal, take the last
+            adapted = self.estimates(state)[:, -1]  # (1, D_target)
         else:
+            dtype = next(self.adapter.parameters()).dtype
             adapted = self.adapter(state.hidden[:, -1:].to(dtype))[:, -1]  # (1, D_target)
         return self.target_head(adapted)[0].softmax(dim=-1)  # (V,)
 
@@ -334,6 +343,7 @@ class ScriptedDrafter:
         confidence: top-1 probability reported at position k (a constant or a function of k).
         prefill_s / token_s: sleep in `prefill` / per `feed` call (one forward, however many
             tokens it reads), to give the stub a cost.
+        dim: width of its (zero) estimates of the target's states.
     """
 
     def __init__(
@@ -345,6 +355,7 @@ class ScriptedDrafter:
         confidence: float | Callable[[int], float] = 1.0,
         prefill_s: float = 0.0,
         token_s: float = 0.0,
+        dim: int = 1,
     ):
         self.reference = list(reference)
         self.vocab_limit = vocab_limit
@@ -353,6 +364,7 @@ class ScriptedDrafter:
         self.confidence = confidence  # a constant or a function of k (a constant pickles)
         self.prefill_s = prefill_s
         self.token_s = token_s
+        self.dim = dim
 
     def is_correct(self, position: int) -> bool:
         """Whether the proposal at answer `position` copies the reference."""
@@ -393,3 +405,6 @@ class ScriptedDrafter:
 
     def rewind(self, state: DraftState, n_keep: int) -> DraftState:
         return replace(state, fed=state.fed[:n_keep])
+
+    def estimates(self, state: DraftState) -> torch.Tensor:
+        return torch.zeros(1, len(state.fed) + 1, self.dim)

@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -90,8 +90,17 @@ class DraftRunner(ABC):
     threads: int
 
     @abstractmethod
-    def start_round1(self, inputs: Any, policy: DraftPolicy, limit: int, eos: int | None) -> None:
-        """Starts the draft prefill and round-1 drafting without waiting for them."""
+    def start_round1(
+        self,
+        inputs: Any,
+        policy: DraftPolicy,
+        limit: int,
+        eos: int | None,
+        estimates: bool = False,
+    ) -> None:
+        """Starts the draft prefill and round-1 drafting without waiting for them (with
+        `estimates`, the proposal also carries the drafter's estimates of the target's states
+        at its drafts: ``Proposal.states``)."""
 
     @abstractmethod
     def finish_round1(self) -> Round:
@@ -146,7 +155,7 @@ class _Jobs:
         self.device = device
         self.state: DraftState | None = None
 
-    def round1(self, inputs, policy, limit, eos, ready) -> tuple[Proposal, Span, Span]:
+    def round1(self, inputs, policy, limit, eos, estimates, ready) -> tuple[Proposal, Span, Span]:
         spans: list[Span] = []
         with timed_span(self.device, spans):
             state = self.drafter.prefill(inputs)
@@ -160,6 +169,9 @@ class _Jobs:
                 target_ready=ready,
                 eos_token_id=eos,
             )
+            if estimates:  # plain floats cross the pipe by value
+                states = self.drafter.estimates(state)[0, : len(proposal.tokens)]
+                proposal = replace(proposal, states=states.float().cpu().numpy())
         self.state = state
         return proposal, spans[0], spans[1]
 
@@ -249,9 +261,16 @@ class LocalRunner(DraftRunner):
             synchronize(self.jobs.device, stream)
         return out
 
-    def start_round1(self, inputs, policy, limit, eos) -> None:
+    def start_round1(self, inputs, policy, limit, eos, estimates=False) -> None:
         self.pending = self.pool.submit(
-            self._on_own_stream, self.jobs.round1, inputs, policy, limit, eos, self.ready.is_set
+            self._on_own_stream,
+            self.jobs.round1,
+            inputs,
+            policy,
+            limit,
+            eos,
+            estimates,
+            self.ready.is_set,
         )
 
     def finish_round1(self) -> Round:
@@ -403,8 +422,8 @@ class ProcessRunner(DraftRunner):
             raise DraftRunnerError("the drafter process is not running (closed or dead)")
         self.conn.send((cmd, args))
 
-    def start_round1(self, inputs, policy, limit, eos) -> None:
-        self._send("round1", _pack(inputs), policy, limit, eos)
+    def start_round1(self, inputs, policy, limit, eos, estimates=False) -> None:
+        self._send("round1", _pack(inputs), policy, limit, eos, estimates)
 
     def finish_round1(self) -> Round:
         proposal, prefill, drafting = self._recv()[1]

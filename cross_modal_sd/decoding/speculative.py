@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from cross_modal_sd.decoding.drafters import DraftPolicy, Proposal
-from cross_modal_sd.decoding.heads import HeadDrafter
+from cross_modal_sd.decoding.heads import HeadDrafter, HeadState
 from cross_modal_sd.decoding.inputs import TargetInputs
 from cross_modal_sd.decoding.runners import NOT_RUN, DraftRunner, LocalRunner
 from cross_modal_sd.decoding.sampling import GREEDY, GREEDY_CHOOSER, Sampling, TokenChooser
@@ -55,6 +55,10 @@ class SDConfig:
         max_new_tokens: answer length cap (EOS included).
         eos_token_id: the answer ends after this token (None: only the cap ends it).
         sampling: greedy (the default) or the target's sampling settings, kept exact.
+        fuse_round1: ``round1="cross_modal", decode="head"`` only: the head drafts on from round
+            1's drafts before they are verified, reading the adapter's estimates of the target's
+            states at them, and one target forward verifies both (`_bridge`); round 1's own
+            verification forward is saved.
     """
 
     policy: DraftPolicy = field(default_factory=DraftPolicy)
@@ -63,6 +67,7 @@ class SDConfig:
     eos_token_id: int | None = None
     round1: Literal["cross_modal", "none"] = "cross_modal"
     sampling: Sampling = GREEDY
+    fuse_round1: bool = False
 
     def __post_init__(self):
         if self.decode not in DECODE_PHASES:
@@ -75,6 +80,14 @@ class SDConfig:
                 f"tree needs recursive rejection sampling, not implemented); use a chain policy "
                 f"or temperature 0"
             )
+        if self.fuse_round1 and (
+            self.round1 != "cross_modal" or self.decode != "head" or self.policy.tree
+        ):
+            raise ValueError(
+                "SDConfig.fuse_round1 needs round1='cross_modal', decode='head' and a chain "
+                f"policy, got round1={self.round1!r}, decode={self.decode!r}, "
+                f"policy {self.policy.name}"
+            )
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SDConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
@@ -85,6 +98,7 @@ class SDConfig:
         """Method label for reports, e.g. ``sd/fixed-5/draft_model`` or ``sd/none/fixed-5/head``
         (for people: code reads `to_dict`, never the label)."""
         first = "" if self.round1 == "cross_modal" else "none/"
+        first += "fused/" if self.fuse_round1 else ""
         last = "" if self.sampling.greedy else f"/{self.sampling.name}"
         return f"sd/{first}{self.policy.name}/{self.decode}{last}"
 
@@ -257,6 +271,38 @@ def verify_round(
     return verify(target, state, drafts, chooser)
 
 
+def _bridge(
+    head: HeadDrafter,
+    policy: DraftPolicy,
+    proposal: Proposal,
+    first: list[int],
+    sigma: torch.Tensor,
+    eos: int | None,
+    cap: int,
+) -> tuple[HeadState, list[int]]:
+    """The head's first drafts before round 1 is verified (``SDConfig.fuse_round1``).
+
+    With d0 accepted, the head reads round 1's drafts as if committed, the adapter's estimates of
+    the target's states standing in for the states no forward has computed yet (pair i is
+    ``(a_i, d_i)``, a_i the adapter's output that drafted d_i; pair 0 reads the true σ₋₁), and
+    drafts on from the last one. Only pair 0 counts as read from a true state, so the next sync
+    rereads the rest from the verification forward's states.
+
+    Returns:
+        The head's state and its drafts (none when round 1's drafts end at EOS or fill the cap).
+    """
+    tentative = [*first, *proposal.tokens[1:]]
+    state = head.start()
+    if tentative[-1] == eos or cap - len(tentative) < 2:
+        return state, []
+    estimates = torch.as_tensor(proposal.states)[None, 1 : len(tentative)]
+    states = torch.cat([sigma, estimates.to(sigma.device, sigma.dtype)], dim=1)
+    state = head.sync(state, tentative, states)
+    state = HeadState(state.cache, tentative[:1], state.last)
+    state, drafts = head.propose(state, policy, cap - len(tentative) - 1, eos)
+    return state, drafts.tokens
+
+
 def speculative_generate(
     target: TargetDecoder,
     drafter: DraftRunner | Any,
@@ -321,7 +367,7 @@ def speculative_generate(
     with thread_budget(threads.round1 if cpu else None):
         if drafting_round1:
             runner.set_ready(False)
-            runner.start_round1(draft_inputs, policy, cap - 1, eos)
+            runner.start_round1(draft_inputs, policy, cap - 1, eos, config.fuse_round1)
         try:
             with timed_span(device, t_spans):
                 out = target.prefill(target_inputs.input_ids, target_inputs.pixel_values_videos)
@@ -354,9 +400,19 @@ def speculative_generate(
     answer, done = extend_answer([], state.answer, eos, cap)
     verify_spans: list[Span] = []
     forwards = 1
+    draft_spans: list[Span] = []
+    extra: list[int] = []  # the head's drafts verified with round 1's (``fuse_round1``)
     with thread_budget(threads.decode if cpu else None):
         decode_threads = torch.get_num_threads()
+        # Inside the budget: on a CPU, work at more threads than the target's cores leaves
+        # spinning OpenMP workers behind that slow every later op.
+        head_state = head.start() if config.decode == "head" else None
         committed_per_round = [1]
+        if config.fuse_round1 and accepted and proposal.states is not None and not done:
+            with timed_span(device, draft_spans):
+                head_state, extra = _bridge(head, policy, proposal, first, sigma, eos, cap)
+            busy.append([draft_spans[-1].start, draft_spans[-1].end, decode_threads])
+            rest = [*rest, *extra]
         if accepted and len(rest) > 0 and not done:
             with timed_span(device, verify_spans):
                 state, more, committed = verify_round(target, state, rest, chooser)
@@ -365,12 +421,10 @@ def speculative_generate(
             answer, done = extend_answer(answer, committed, eos, cap)
             sigma = torch.cat([sigma, state.states], dim=1)
             committed_per_round = [len(answer)]
-        drafted_per_round, accepted_per_round = [len(drafts)], [accepted]
+        drafted_per_round, accepted_per_round = [len(drafts) + len(extra)], [accepted]
         round1_end = clock_ms()
 
-        draft_spans: list[Span] = []
         step_spans: list[Span] = []  # plain greedy steps (autoregressive): not verification
-        head_state = head.start() if config.decode == "head" else None
         drafting = config.decode in ("draft_model", "head")
         while not done:
             drafts = []

@@ -476,11 +476,15 @@ def summarize_e2e(
                     head_acceptance = acceptance.with_head(setup.head_export)
                 except ValueError as err:
                     warnings.append(f"no predicted_speedup for the head strategies: {err}")
-            trees = [s.name for s in strategies if s.sd is not None and s.sd.policy.tree]
+            trees = [
+                s.name
+                for s in strategies
+                if s.sd is not None and (s.sd.policy.tree or s.sd.fuse_round1)
+            ]
             if trees:
                 warnings.append(
                     f"no predicted_speedup for {trees}: the speedup model prices chains of "
-                    f"drafts, not trees"
+                    f"drafts verified round by round, not trees or fused rounds"
                 )
             for s in strategies:
                 if s.kind != "sd" or s.name in trees:

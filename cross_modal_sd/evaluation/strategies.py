@@ -40,8 +40,15 @@ _CHAINS: dict[str, tuple[str, str, str | None]] = {
 }
 # Every configuration also drafts trees (`<name>_tree`: `decoding.tree`, greedy only).
 TREE_SUFFIX = "_tree"
-SD_STRATEGIES = {**_CHAINS, **{f"{name}{TREE_SUFFIX}": v for name, v in _CHAINS.items()}}
-HEAD_STRATEGIES = ("head", "hybrid")
+# The hybrid whose head drafts on from round 1's drafts before their verification, reading the
+# adapter's estimates of the target's states (one forward verifies both: `SDConfig.fuse_round1`).
+FUSED = {"hybrid_fused": ("cross_modal", "fixed", "head")}
+SD_STRATEGIES = {
+    **_CHAINS,
+    **{f"{name}{TREE_SUFFIX}": v for name, v in _CHAINS.items()},
+    **FUSED,
+}
+HEAD_STRATEGIES = ("head", "hybrid", "hybrid_fused")
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ def parse_strategies(
     ``sd_<policy>`` takes the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it;
     ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
     (round 1: none, or cross-modal drafts while the target prefills); ``<name>_tree`` drafts
-    trees of ``decoding.tree`` instead of chains (greedy only). The other policies'
+    trees of ``decoding.tree`` instead of chains (greedy only); ``hybrid_fused`` verifies round
+    1's drafts and the head's first ones in one forward. The other policies'
     settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
     ``confidence.threshold``, ``max_drafts``); every SD configuration decodes with `sampling`.
 
@@ -121,6 +129,7 @@ def parse_strategies(
             eos_token_id=eos_token_id,
             round1=round1,
             sampling=sampling,
+            fuse_round1=name in FUSED,
         )
         canonical = base if base in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
         canonical += TREE_SUFFIX if tree else ""
