@@ -39,7 +39,14 @@ from cross_modal_sd.utils import write_json
 REPO = Path(__file__).resolve().parents[1]
 # Cross-modal only (decode with the drafter, or the prior system's target alone), head only,
 # the hybrid, and a peer; HF assisted generation (the slowest method by far) is left out.
-STRATEGIES = ("sd_fixed_draft_model", "sd_fixed_autoregressive", "head", "hybrid", "prompt_lookup")
+STRATEGIES = (
+    "sd_fixed_draft_model",
+    "sd_fixed_autoregressive",
+    "head",
+    "hybrid",
+    "hybrid_fused",
+    "prompt_lookup",
+)
 
 
 def run(cmd: list[str]) -> None:
