@@ -38,7 +38,8 @@ from cross_modal_sd.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # Cross-modal only (decode with the drafter, or the prior system's target alone), head only,
-# the hybrid, and a peer; HF assisted generation (the slowest method by far) is left out.
+# the hybrid (and its fused round 1), and a peer; HF assisted generation (the slowest method by
+# far) is left out.
 STRATEGIES = (
     "sd_fixed_draft_model",
     "sd_fixed_autoregressive",
