@@ -32,7 +32,8 @@ test: $(STAMP)
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-# Speedups across cost regimes and deployments, measured and predicted (an idle machine, ~1 h).
+# Speedups across cost regimes and deployments, measured and predicted (an idle machine; ~11 min
+# with the exports in place, longer when the regime worlds and their exports are built first).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_regimes.py --models mini mini_p30 mini_p15 --repeats 3
 
