@@ -233,6 +233,9 @@ def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
     # Shared: the head-only baseline's target runs on the baseline's cores, probed apart.
     assert (profile["solo_token_ms"] is not None) == (deployment == "shared")
     assert report["head_checkpoint"]["lm_head_verified"] is True
+    window = report["prefill_window"]  # did drafting in the prefill window pay for its core?
+    assert window["deployment"] == deployment and window["hybrid"] == "hybrid"
+    assert window["verdict"] in ("paid", "did not pay", "undecided")
 
 
 def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(world):

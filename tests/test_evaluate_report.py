@@ -13,7 +13,9 @@ from cross_modal_sd.evaluation.report import (
     accepted_length_histogram,
     aggregate,
     position_acceptance,
+    prefill_window,
     render_e2e,
+    render_prefill_window,
 )
 from cross_modal_sd.metrics.intervals import bootstrap_speedup
 from cross_modal_sd.speedup import CostProfile
@@ -109,6 +111,34 @@ def test_bootstrap_on_hand_built_samples():
         bootstrap_speedup([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="positive times"):
         bootstrap_speedup([1.0, 0.0], [1.0, 1.0])
+
+
+def _window_records(head_ms, hybrid_ms):
+    return [
+        {"strategies": {"head": {"total_ms": h}, "hybrid": {"total_ms": y}}}
+        for h, y in zip(head_ms, hybrid_ms, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("head_ms", "hybrid_ms", "verdict"),
+    [
+        ([10.0, 12.0, 11.0] * 10, [9.0, 10.5, 10.0] * 10, "paid"),
+        ([10.0, 12.0, 11.0] * 10, [11.0, 13.0, 12.5] * 10, "did not pay"),
+        ([10.0, 12.0] * 10, [12.0, 10.0] * 10, "undecided"),
+    ],
+)
+def test_prefill_window_verdict_reads_the_interval(head_ms, hybrid_ms, verdict):
+    out = prefill_window(_window_records(head_ms, hybrid_ms), "shared")
+    assert out["verdict"] == verdict and out["deployment"] == "shared"
+    assert out["vs_head"]["ratio_of_means"] == pytest.approx(sum(head_ms) / sum(hybrid_ms))
+    line = render_prefill_window(out)
+    assert f"drafting {verdict.upper()}" in line and "taken from the target's prefill" in line
+
+
+def test_prefill_window_needs_head_and_hybrid():
+    records = [{"strategies": {"head": {"total_ms": 1.0}}}]
+    assert prefill_window(records, "shared") is None
 
 
 def test_the_chosen_baseline_is_the_faster_loop():

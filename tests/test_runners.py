@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_speculative import World, _full_length_sample
+from test_speculative import MAX_NEW, World, _full_length_sample
 
 from cross_modal_sd.decoding import (
     DraftPolicy,
     DraftRunnerError,
+    LocalRunner,
     ProcessRunner,
     ScriptedDrafter,
+    ScriptedHead,
+    SDConfig,
     speculative_generate,
     thread_budget,
 )
@@ -93,6 +96,48 @@ def test_process_drafter_drafts_what_the_in_process_one_drafts(world, runner):
             there = speculative_generate(world.target, runner, t_in, d_in, world.config())
             here = speculative_generate(world.target, local, t_in, d_in, world.config())
             assert (there.drafted, there.accepted) == (here.drafted, here.accepted)
+
+
+@pytest.mark.parametrize("where", ["process", "thread"])
+def test_a_late_drafter_is_left_unwaited_and_its_answer_dropped(world, where):
+    """``wait_for_drafter=False``: a drafter still prefilling when the target is done gives
+    round 1 no drafts and is not waited for; the runner drops its late answer before its next
+    command, so the next run drafts as usual."""
+    i = 0
+    reference = world.reference[i]
+    slow = ScriptedDrafter(reference, world.limit, prefill_s=0.5)
+    fast = ScriptedDrafter(reference, world.limit)
+    policy = DraftPolicy(gamma="prefill", decode_gamma=3, max_drafts=6)
+    impatient = SDConfig(policy, "head", MAX_NEW, world.eos, wait_for_drafter=False)
+    patient = SDConfig(policy, "head", MAX_NEW, world.eos)
+    t_in, d_in = world.samples[i]
+
+    def runner_for(drafter):
+        if where == "process":
+            return ProcessRunner(drafter, cores=machine_cores()[:1])
+        return LocalRunner(drafter)
+
+    with thread_budget(1), runner_for(slow) as r:
+        for _ in range(2):  # the second run drains the first one's late answer first
+            head = ScriptedHead(reference, world.limit)
+            out = speculative_generate(world.target, r, t_in, d_in, impatient, head=head)
+            assert out.tokens == reference
+            assert out.drafted[0] == 0 and out.draft_prefill_ms == 0 and out.wait_ms == 0
+        head = ScriptedHead(reference, world.limit)
+        out = speculative_generate(world.target, r, t_in, d_in, patient, head=head)
+        assert out.tokens == reference and out.drafted[0] > 0  # waited: drafts
+        assert out.draft_prefill_ms >= 400
+    with thread_budget(1), runner_for(fast) as r:  # an early drafter is used as before
+        head = ScriptedHead(reference, world.limit)
+        out = speculative_generate(world.target, r, t_in, d_in, impatient, head=head)
+        assert out.tokens == reference and out.drafted[0] > 0
+
+
+def test_waiting_only_makes_sense_where_later_rounds_do_without_the_drafter():
+    with pytest.raises(ValueError, match="wait_for_drafter=False needs"):
+        SDConfig(decode="draft_model", wait_for_drafter=False)
+    with pytest.raises(ValueError, match="wait_for_drafter=False needs"):
+        SDConfig(decode="head", round1="none", wait_for_drafter=False)
 
 
 def _max_concurrent_threads(busy) -> int:

@@ -92,6 +92,21 @@ def test_draft_model_run_by_hand():
     )
 
 
+def test_a_late_drafter_left_unwaited_by_hand():
+    """``wait_for_drafter=False``: a draft prefill (12 ms) outlasting the target's (10 ms)
+    gives round 1 no drafts and no wait; an early one (2 ms) is used as before."""
+    match = [True] * 6
+    config = SDConfig(DraftPolicy(gamma=3), "autoregressive", 16, wait_for_drafter=False)
+    late = simulate(_toy_profile(draft_prefill_ms=12.0), config, match, [1.0] * 6)
+    assert late["first_drafted"] == 0 and late["round1_ms"] == pytest.approx(10.0)
+    assert late["total_ms"] == pytest.approx(10.0 + 5 * 1.0)  # the target decodes alone
+    waited = simulate(_toy_profile(draft_prefill_ms=12.0), _config("autoregressive",
+                      DraftPolicy(gamma=3)), match, [1.0] * 6)  # fmt: skip
+    assert waited["first_drafted"] == 3 and waited["round1_ms"] > 12.0
+    early = simulate(_toy_profile(), config, match, [1.0] * 6)
+    assert early["first_drafted"] == 3
+
+
 def test_autoregressive_run_by_hand_and_contention():
     p = _toy_profile(target_contention=1.5, draft_contention=2.0, round_trip_ms=0.4)
     match = [True] * 5 + [False] * 5

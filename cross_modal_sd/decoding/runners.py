@@ -12,7 +12,9 @@ The SD loop talks to a `DraftRunner`, never to a drafter directly, so the same l
   block, an exception, Ctrl-C) or with its parent (Linux parent-death signal).
 
 A round-1 job reads the runner's `ready` flag (set by the loop when the target's prefill ends),
-which is how a ``gamma="prefill"`` policy knows when to stop.
+which is how a ``gamma="prefill"`` policy knows when to stop, and sets its `prefill_done` flag
+when its draft prefill ends, which is how the loop knows whether waiting for it is worth it
+(`abandon_round1` leaves a late round unwaited).
 """
 
 from __future__ import annotations
@@ -106,6 +108,15 @@ class DraftRunner(ABC):
     def finish_round1(self) -> Round:
         """Waits for the round started by `start_round1`."""
 
+    def prefilled(self) -> bool:
+        """Whether the round-1 job has finished its draft prefill (it is drafting, or done)."""
+        return self.prefill_done.is_set()
+
+    @abstractmethod
+    def abandon_round1(self) -> None:
+        """Leaves the round started by `start_round1` unwaited: the drafter finishes it on its
+        own cores and its answer is dropped before the runner's next command."""
+
     @abstractmethod
     def next_round(
         self, answer: Sequence[int], policy: DraftPolicy, limit: int, eos: int | None
@@ -155,10 +166,14 @@ class _Jobs:
         self.device = device
         self.state: DraftState | None = None
 
-    def round1(self, inputs, policy, limit, eos, estimates, ready) -> tuple[Proposal, Span, Span]:
+    def round1(
+        self, inputs, policy, limit, eos, estimates, ready, prefilled=None
+    ) -> tuple[Proposal, Span, Span]:
         spans: list[Span] = []
         with timed_span(self.device, spans):
             state = self.drafter.prefill(inputs)
+        if prefilled is not None:
+            prefilled()
         with timed_span(self.device, spans):
             state, proposal = propose(
                 self.drafter,
@@ -243,8 +258,16 @@ class LocalRunner(DraftRunner):
     def __init__(self, drafter: Drafter, device: torch.device | str | None = None):
         self.jobs = _Jobs(drafter, None if device is None else torch.device(device))
         self.ready = threading.Event()
+        self.prefill_done = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.pending: Future | None = None
+        self.abandoned: Future | None = None
+
+    def _settle(self) -> None:
+        """Waits for an abandoned round (re-raising its error) before the next command."""
+        abandoned, self.abandoned = self.abandoned, None
+        if abandoned is not None:
+            abandoned.result()
 
     @property
     def threads(self) -> int:
@@ -262,6 +285,8 @@ class LocalRunner(DraftRunner):
         return out
 
     def start_round1(self, inputs, policy, limit, eos, estimates=False) -> None:
+        self._settle()
+        self.prefill_done.clear()
         self.pending = self.pool.submit(
             self._on_own_stream,
             self.jobs.round1,
@@ -271,7 +296,11 @@ class LocalRunner(DraftRunner):
             eos,
             estimates,
             self.ready.is_set,
+            self.prefill_done.set,
         )
+
+    def abandon_round1(self) -> None:
+        self.abandoned, self.pending = self.pending, None
 
     def finish_round1(self) -> Round:
         proposal, prefill, drafting = self.pending.result()  # re-raises the drafter's error
@@ -279,6 +308,7 @@ class LocalRunner(DraftRunner):
         return Round(proposal, prefill, drafting, self.threads)
 
     def next_round(self, answer, policy, limit, eos) -> Round:
+        self._settle()
         proposal, drafting = self.jobs.next_round(answer, policy, limit, eos)
         return Round(proposal, NOT_RUN, drafting, self.threads)
 
@@ -286,9 +316,11 @@ class LocalRunner(DraftRunner):
         self.ready.set() if ready else self.ready.clear()
 
     def probe(self, inputs, answer, repeats) -> dict[str, list[float]]:
+        self._settle()
         return self.jobs.probe(inputs, answer, repeats)
 
     def start_busy(self, inputs, ms: float) -> None:
+        self._settle()
         self.pending = self.pool.submit(self._on_own_stream, self.jobs.busy, inputs, ms)
 
     def finish_busy(self) -> list[float]:
@@ -300,6 +332,7 @@ class LocalRunner(DraftRunner):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.abandoned = None
 
 
 # --------------------------------------------------------------------------- the process
@@ -328,7 +361,7 @@ def _unpack(packed: Any) -> Any:
     return packed
 
 
-def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready) -> None:
+def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready, prefill_done) -> None:
     """The drafter process: pinned, its own threads, one command at a time until "close"."""
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the parent decides, and closes this process.
@@ -339,7 +372,9 @@ def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready) ->
     jobs = _Jobs(drafter, None)
     conn.send(("started", os.getpid()))
     commands = {
-        "round1": lambda inputs, *a: jobs.round1(_unpack(inputs), *a, ready.is_set),
+        "round1": lambda inputs, *a: jobs.round1(
+            _unpack(inputs), *a, ready.is_set, prefill_done.set
+        ),
         "next": jobs.next_round,
         "probe": lambda inputs, *a: jobs.probe(_unpack(inputs), *a),
         "busy": lambda inputs, ms: jobs.busy(_unpack(inputs), ms),
@@ -376,10 +411,12 @@ class ProcessRunner(DraftRunner):
         self.threads = threads or max(1, len(cores))
         self.cores = tuple(cores)
         self.ready = ctx.Event()
+        self.prefill_done = ctx.Event()
+        self.stale = 0  # answers of abandoned rounds still to be read and dropped
         self.conn, child = ctx.Pipe()
         process = ctx.Process(
             target=_serve,
-            args=(child, drafter, self.cores, self.threads, self.ready),
+            args=(child, drafter, self.cores, self.threads, self.ready, self.prefill_done),
             daemon=True,
             name="drafter",
         )
@@ -420,10 +457,22 @@ class ProcessRunner(DraftRunner):
     def _send(self, cmd: str, *args: Any) -> None:
         if self.process is None or not self.process.is_alive():
             raise DraftRunnerError("the drafter process is not running (closed or dead)")
+        self._drain()
         self.conn.send((cmd, args))
 
+    def _drain(self) -> None:
+        """Reads and drops the answers of abandoned rounds (re-raising an error in one)."""
+        while self.stale:
+            self.stale -= 1
+            self._recv()
+
     def start_round1(self, inputs, policy, limit, eos, estimates=False) -> None:
+        self._drain()  # before clearing the flag an abandoned round may still set
+        self.prefill_done.clear()
         self._send("round1", _pack(inputs), policy, limit, eos, estimates)
+
+    def abandon_round1(self) -> None:
+        self.stale += 1
 
     def finish_round1(self) -> Round:
         proposal, prefill, drafting = self._recv()[1]

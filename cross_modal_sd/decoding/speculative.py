@@ -59,6 +59,10 @@ class SDConfig:
             1's drafts before they are verified, reading the adapter's estimates of the target's
             states at them, and one target forward verifies both (`_bridge`); round 1's own
             verification forward is saved.
+        wait_for_drafter: False: when the target has prefilled before the drafter has (its
+            draft prefill outlasts the target's), round 1 goes without drafts instead of
+            waiting for it; the drafter finishes on its own cores, unwaited. Only where later
+            rounds do not need the drafter (``decode`` not ``"draft_model"``).
     """
 
     policy: DraftPolicy = field(default_factory=DraftPolicy)
@@ -68,6 +72,7 @@ class SDConfig:
     round1: Literal["cross_modal", "none"] = "cross_modal"
     sampling: Sampling = GREEDY
     fuse_round1: bool = False
+    wait_for_drafter: bool = True
 
     def __post_init__(self):
         if self.decode not in DECODE_PHASES:
@@ -87,6 +92,13 @@ class SDConfig:
                 "SDConfig.fuse_round1 needs round1='cross_modal', decode='head' and a chain "
                 f"policy, got round1={self.round1!r}, decode={self.decode!r}, "
                 f"policy {self.policy.name}"
+            )
+        if not self.wait_for_drafter and (
+            self.round1 != "cross_modal" or self.decode == "draft_model"
+        ):
+            raise ValueError(
+                "SDConfig.wait_for_drafter=False needs round1='cross_modal' and a decode phase "
+                f"without the drafter, got round1={self.round1!r}, decode={self.decode!r}"
             )
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(
@@ -374,7 +386,11 @@ def speculative_generate(
         finally:
             if runner is not None:
                 runner.set_ready(True)  # also on error, so a drafter waiting for it ends
-            r1 = runner.finish_round1() if drafting_round1 else None
+            r1 = None
+            if drafting_round1 and (config.wait_for_drafter or runner.prefilled()):
+                r1 = runner.finish_round1()
+            elif drafting_round1:  # still prefilling: round 1 goes without it
+                runner.abandon_round1()
         target_threads = torch.get_num_threads()
     t_span = t_spans[0]
     busy.append([t_span.start, t_span.end, target_threads])

@@ -44,7 +44,7 @@ from cross_modal_sd.decoding import (
     wrapper_greedy,
 )
 from cross_modal_sd.decoding.budget import Budget
-from cross_modal_sd.evaluation.report import aggregate
+from cross_modal_sd.evaluation.report import aggregate, prefill_window
 from cross_modal_sd.evaluation.strategies import Strategy, parse_strategies
 from cross_modal_sd.exports import AdapterExport, ExportError, check_export_fits, load_export
 from cross_modal_sd.pair import PairModels, PairSample
@@ -505,6 +505,7 @@ def summarize_e2e(
     report["deployment"] = setup.budget.deployment
     report["budget"] = setup.budget.to_dict()
     report["sampling"] = asdict(setup.spec.sampling)
+    report["prefill_window"] = prefill_window(records, setup.budget.deployment)
     report["checkpoint"] = setup.checkpoint
     report["head_checkpoint"] = setup.head_checkpoint
     report["config"] = {

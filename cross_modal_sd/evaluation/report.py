@@ -124,6 +124,41 @@ def speedup(base_ms: Sequence[float], own_ms: Sequence[float]) -> dict[str, Any]
     }
 
 
+def prefill_window(
+    records: Sequence[Mapping[str, Any]], deployment: str, hybrid: str = "hybrid"
+) -> dict[str, Any] | None:
+    """Whether cross-modal drafting inside the target's prefill window paid for itself: the
+    hybrid's time against head only's on the same samples (None unless both ran).
+
+    In `shared` the drafter's core is taken from the target's prefill (head only prefills on
+    all the cores); in `own_device` the window is free. ``verdict``: ``"paid"`` when the
+    hybrid's speedup over head only has its whole 95% interval above 1, ``"did not pay"`` when
+    below, ``"undecided"`` otherwise.
+    """
+    if not records or any(n not in records[0]["strategies"] for n in ("head", hybrid)):
+        return None
+    head = [r["strategies"]["head"]["total_ms"] for r in records]
+    mixed = [r["strategies"][hybrid]["total_ms"] for r in records]
+    vs = speedup(head, mixed)
+    lo, hi = vs["ci95"]
+    verdict = "paid" if lo > 1 else "did not pay" if hi < 1 else "undecided"
+    return {"deployment": deployment, "hybrid": hybrid, "vs_head": vs, "verdict": verdict}
+
+
+def render_prefill_window(window: Mapping[str, Any]) -> str:
+    """The report's sentence on `prefill_window`."""
+    cost = (
+        "the drafter's core is taken from the target's prefill, which head only runs on every core"
+        if window["deployment"] == "shared"
+        else "the drafter has cores of its own: the window is free"
+    )
+    return (
+        f"**Prefill-window drafting {window['verdict'].upper()}** here ({cost}): "
+        f"`{window['hybrid']}` is {_with_ci(window['vs_head'])} times as fast as head only on the "
+        f"same samples (above 1 over the whole interval: paid; below: did not pay)."
+    )
+
+
 def summarize_strategy(
     name: str,
     kind: str,
@@ -406,6 +441,8 @@ def render_e2e(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         "flag",
     ]
     out += [table(header, rows), ""]
+    if report.get("prefill_window"):
+        out += [render_prefill_window(report["prefill_window"]), ""]
     if costs:
         out += [_cost_line(costs), ""]
         out += [

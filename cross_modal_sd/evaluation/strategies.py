@@ -130,6 +130,9 @@ def parse_strategies(
             round1=round1,
             sampling=sampling,
             fuse_round1=name in FUSED,
+            # The hybrids never wait for a drafter still prefilling when the target is done:
+            # the head decodes whether round 1 brought drafts or not.
+            wait_for_drafter=not (base in HEAD_STRATEGIES and round1 == "cross_modal"),
         )
         canonical = base if base in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
         canonical += TREE_SUFFIX if tree else ""

@@ -197,6 +197,13 @@ class CostProfile:
         target = prefill + (self.target_contention - 1.0) * min(prefill, job)
         return max(target, job + self.round_trip_ms)
 
+    def drafter_late(self) -> bool:
+        """Whether the draft job (started half a round trip after the command) is still in its
+        prefill when the target's slowed prefill ends: a loop that does not wait for it then
+        goes without round-1 drafts (`SDConfig.wait_for_drafter`)."""
+        ready = self.round1_prefill_ms * self.target_contention
+        return self.round_trip_ms / 2 + self.round1_draft_prefill_ms > ready
+
     def prefill_drafts(self) -> int:
         """Drafts of a ``gamma="prefill"`` round 1: the first draft proposed once the target
         has prefilled, i.e. the smallest ``G >= 1`` whose job (started half a round trip after

@@ -109,13 +109,19 @@ def simulate(
     eos = n < cap
     out = dict.fromkeys(QUANTITIES, 0.0)
     fit = p.prefill_drafts()
+    skipped = config.round1 == "none" or (not config.wait_for_drafter and p.drafter_late())
     g, stopped = (
         (0, False)
-        if cap < 2 or config.round1 == "none"
+        if cap < 2 or skipped
         else _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
     )
     drafting = p.drafting_ms(g, stopped)
-    round1 = p.round1_ms(drafting) if g else p.target_prefill_ms
+    if g:
+        round1 = p.round1_ms(drafting)
+    elif config.round1 == "cross_modal" and cap > 1:  # a late drafter ran beside, unwaited
+        round1 = p.round1_prefill_ms * p.target_contention
+    else:
+        round1 = p.target_prefill_ms
     accepted = int(g > 0 and match[0])
     length, forwards, verify = 1, 1, 0.0
     if accepted and g > 1 and n > 1:
