@@ -210,10 +210,13 @@ def test_every_sd_configuration_is_lossless_on_every_sample(world):
 
 @pytest.mark.parametrize("deployment", ["own_device", "shared"])
 def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
+    # The tiny target prefills faster than the drafter: a hybrid that waits for it (as the
+    # mini world's needs not) shows its round-1 drafts here.
     cfg = _cfg(
         strategies=["head", "hybrid", "sd_fixed"],
         head_ckpt=str(world.head_ckpt),
         cost_profile=True,
+        **{"decoding.hybrid_waits": True},
     )
     report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg, deployment)
     assert report["lossless_rate"] == 1.0
@@ -277,6 +280,15 @@ def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(
 def test_bad_sampling_settings_are_rejected_before_timing(world, node, match):
     with pytest.raises(ValueError, match=match):
         run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], _cfg(sampling=node))
+
+
+def test_the_hybrid_never_waits_for_the_drafter_by_default(world):
+    cfg = _cfg(strategies=["hybrid"], head_ckpt=str(world.head_ckpt))
+    report, records = run_e2e(world.pair, load_export(world.ckpt), world.samples, cfg)
+    assert report["lossless"] is True
+    for r in records:
+        run = r["strategies"]["hybrid"]
+        assert run["config"]["wait_for_drafter"] is False and run["wait_ms"] == 0
 
 
 def test_tree_and_fused_strategies_are_lossless_named_and_not_priced_as_chains(world):

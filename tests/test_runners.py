@@ -133,6 +133,32 @@ def test_a_late_drafter_is_left_unwaited_and_its_answer_dropped(world, where):
         assert out.tokens == reference and out.drafted[0] > 0
 
 
+@pytest.mark.parametrize("where", ["process", "thread"])
+def test_the_hybrid_takes_the_drafts_made_so_far_without_waiting(world, where):
+    """A drafter in the middle of a slow draft step when the target is done: the impatient
+    loop takes the drafts already on the board; the patient one waits for the step."""
+    i = 0
+    reference = world.reference[i]
+    slow_steps = ScriptedDrafter(reference, world.limit, token_s=0.25)  # a feed: 250 ms
+    policy = DraftPolicy(gamma="prefill", decode_gamma=3, max_drafts=6)
+    t_in, d_in = world.samples[i]
+    runs = {}
+    for wait in (False, True):
+        config = SDConfig(policy, "head", MAX_NEW, world.eos, wait_for_drafter=wait)
+        runner = (
+            ProcessRunner(slow_steps, cores=machine_cores()[:1])
+            if where == "process"
+            else LocalRunner(slow_steps)
+        )
+        with thread_budget(1), runner as r:
+            head = ScriptedHead(reference, world.limit)
+            runs[wait] = speculative_generate(world.target, r, t_in, d_in, config, head=head)
+            assert runs[wait].tokens == reference
+    # d0 comes with the prefill; feeding it takes 250 ms, far past the target's prefill.
+    assert runs[False].drafted[0] == 1 and runs[False].wait_ms == 0
+    assert runs[True].drafted[0] == 2 and runs[True].wait_ms > 100
+
+
 def test_waiting_only_makes_sense_where_later_rounds_do_without_the_drafter():
     with pytest.raises(ValueError, match="wait_for_drafter=False needs"):
         SDConfig(decode="draft_model", wait_for_drafter=False)

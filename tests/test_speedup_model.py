@@ -105,6 +105,13 @@ def test_a_late_drafter_left_unwaited_by_hand():
     assert waited["first_drafted"] == 3 and waited["round1_ms"] > 12.0
     early = simulate(_toy_profile(), config, match, [1.0] * 6)
     assert early["first_drafted"] == 3
+    # A prefill-window round takes the drafts done when the target is: (10 − (2 − 0.5)) / 0.6
+    # = 14.2, so 14 (capped by the 5 the answer needs), and round 1 costs the prefill alone
+    # (no wait) plus verifying d1..d4: V(4) = 3.
+    window = SDConfig(DraftPolicy(gamma="prefill"), "autoregressive", 6, wait_for_drafter=False)
+    out = simulate(_toy_profile(), window, match, [1.0] * 6)
+    assert out["first_drafted"] == 5 and out["round1_ms"] == pytest.approx(10.0 + 3.0)
+    assert _toy_profile().drafts_by_prefill_end() == 14
 
 
 def test_autoregressive_run_by_hand_and_contention():

@@ -166,6 +166,7 @@ def propose(
     first_round: bool,
     target_ready: Callable[[], bool] = lambda: True,
     eos_token_id: int | None = None,
+    on_draft: Callable[[int, int], None] | None = None,
 ) -> tuple[DraftState, Proposal]:
     """Drafts one round from `state`, which must predict the next answer position.
 
@@ -180,6 +181,8 @@ def propose(
         first_round: whether the target is prefilling concurrently (policy ``gamma="prefill"``).
         target_ready: returns True once the target prefill has finished.
         eos_token_id: drafting stops after proposing this token.
+        on_draft: called with (index, token) as each chain draft is kept (a runner publishes
+            them as they come, for a loop that takes what is there without waiting).
 
     Returns:
         The drafter state after the round and the proposal.
@@ -197,6 +200,8 @@ def propose(
             break
         tokens.append(token)
         confidences.append(confidence)
+        if on_draft is not None:
+            on_draft(len(tokens) - 1, token)
         if (
             len(tokens) == cap
             or token == eos_token_id

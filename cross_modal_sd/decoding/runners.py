@@ -12,14 +12,16 @@ The SD loop talks to a `DraftRunner`, never to a drafter directly, so the same l
   block, an exception, Ctrl-C) or with its parent (Linux parent-death signal).
 
 A round-1 job reads the runner's `ready` flag (set by the loop when the target's prefill ends),
-which is how a ``gamma="prefill"`` policy knows when to stop, and sets its `prefill_done` flag
-when its draft prefill ends, which is how the loop knows whether waiting for it is worth it
-(`abandon_round1` leaves a late round unwaited).
+which is how a ``gamma="prefill"`` policy knows when to stop, and writes its progress on the
+runner's `Board` (shared memory for a process): when its draft prefill started and ended, and
+each draft as it is made. A loop that does not wait reads the board (`drafts_so_far`) and
+leaves the round unwaited (`abandon_round1`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import threading
@@ -48,6 +50,49 @@ from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, time_cal
 
 # The span of work that never ran: it overlaps nothing and lasts 0 ms.
 NOT_RUN = Span(0.0, 0.0)
+BOARD_DRAFTS = 64  # drafts a round-1 job publishes at most (max_drafts beyond it: not shown)
+
+
+class Board:
+    """A round-1 job's progress, readable while it runs: ``times`` (float64: draft prefill
+    start, its end, the last draft's end; 0 = not yet) and ``drafts`` (int64: the count, then
+    the drafts in order; a draft is written before the count that shows it)."""
+
+    def __init__(self, shared: bool = False):
+        self.times = torch.zeros(3, dtype=torch.float64)
+        self.drafts = torch.zeros(1 + BOARD_DRAFTS, dtype=torch.int64)
+        if shared:
+            self.times.share_memory_()
+            self.drafts.share_memory_()
+
+    def clear(self) -> None:
+        self.times.zero_()
+        self.drafts[0] = 0
+
+    def prefill_started(self) -> None:
+        self.times[0] = clock_ms()
+
+    def prefill_ended(self) -> None:
+        self.times[1] = clock_ms()
+
+    def post(self, index: int, token: int) -> None:
+        if index < BOARD_DRAFTS:
+            self.drafts[1 + index] = token
+            self.times[2] = clock_ms()
+            self.drafts[0] = index + 1
+
+    def prefilled(self) -> bool:
+        return float(self.times[1]) > 0
+
+    def read(self) -> tuple[list[int], Span, Span]:
+        """The drafts so far, the prefill's span and the drafting's (NOT_RUN: none yet)."""
+        n = int(self.drafts[0])
+        start, end, last = self.times.tolist()
+        prefill = Span(start, end) if end else NOT_RUN
+        drafting = Span(end, last) if n else NOT_RUN
+        return self.drafts[1 : 1 + n].tolist(), prefill, drafting
+
+
 _START_TIMEOUT_S = 120.0  # spawning imports torch and transformers: seconds, not minutes
 
 
@@ -110,7 +155,13 @@ class DraftRunner(ABC):
 
     def prefilled(self) -> bool:
         """Whether the round-1 job has finished its draft prefill (it is drafting, or done)."""
-        return self.prefill_done.is_set()
+        return self.board.prefilled()
+
+    def drafts_so_far(self) -> Round:
+        """The round-1 job's drafts made so far, read off its board without waiting (the
+        proposal's confidences are NaN: they are not published)."""
+        tokens, prefill, drafting = self.board.read()
+        return Round(Proposal(tokens, [math.nan] * len(tokens)), prefill, drafting, self.threads)
 
     @abstractmethod
     def abandon_round1(self) -> None:
@@ -167,13 +218,15 @@ class _Jobs:
         self.state: DraftState | None = None
 
     def round1(
-        self, inputs, policy, limit, eos, estimates, ready, prefilled=None
+        self, inputs, policy, limit, eos, estimates, ready, board=None
     ) -> tuple[Proposal, Span, Span]:
         spans: list[Span] = []
+        if board is not None:
+            board.prefill_started()
         with timed_span(self.device, spans):
             state = self.drafter.prefill(inputs)
-        if prefilled is not None:
-            prefilled()
+        if board is not None:
+            board.prefill_ended()
         with timed_span(self.device, spans):
             state, proposal = propose(
                 self.drafter,
@@ -183,6 +236,7 @@ class _Jobs:
                 first_round=True,
                 target_ready=ready,
                 eos_token_id=eos,
+                on_draft=None if board is None else board.post,
             )
             if estimates:  # plain floats cross the pipe by value
                 states = self.drafter.estimates(state)[0, : len(proposal.tokens)]
@@ -258,7 +312,7 @@ class LocalRunner(DraftRunner):
     def __init__(self, drafter: Drafter, device: torch.device | str | None = None):
         self.jobs = _Jobs(drafter, None if device is None else torch.device(device))
         self.ready = threading.Event()
-        self.prefill_done = threading.Event()
+        self.board = Board()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self.pending: Future | None = None
         self.abandoned: Future | None = None
@@ -286,7 +340,7 @@ class LocalRunner(DraftRunner):
 
     def start_round1(self, inputs, policy, limit, eos, estimates=False) -> None:
         self._settle()
-        self.prefill_done.clear()
+        self.board.clear()
         self.pending = self.pool.submit(
             self._on_own_stream,
             self.jobs.round1,
@@ -296,7 +350,7 @@ class LocalRunner(DraftRunner):
             eos,
             estimates,
             self.ready.is_set,
-            self.prefill_done.set,
+            self.board,
         )
 
     def abandon_round1(self) -> None:
@@ -361,7 +415,7 @@ def _unpack(packed: Any) -> Any:
     return packed
 
 
-def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready, prefill_done) -> None:
+def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready, board) -> None:
     """The drafter process: pinned, its own threads, one command at a time until "close"."""
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the parent decides, and closes this process.
@@ -372,9 +426,7 @@ def _serve(conn, drafter: Drafter, cores: Sequence[int], threads: int, ready, pr
     jobs = _Jobs(drafter, None)
     conn.send(("started", os.getpid()))
     commands = {
-        "round1": lambda inputs, *a: jobs.round1(
-            _unpack(inputs), *a, ready.is_set, prefill_done.set
-        ),
+        "round1": lambda inputs, *a: jobs.round1(_unpack(inputs), *a, ready.is_set, board),
         "next": jobs.next_round,
         "probe": lambda inputs, *a: jobs.probe(_unpack(inputs), *a),
         "busy": lambda inputs, ms: jobs.busy(_unpack(inputs), ms),
@@ -411,12 +463,12 @@ class ProcessRunner(DraftRunner):
         self.threads = threads or max(1, len(cores))
         self.cores = tuple(cores)
         self.ready = ctx.Event()
-        self.prefill_done = ctx.Event()
+        self.board = Board(shared=True)
         self.stale = 0  # answers of abandoned rounds still to be read and dropped
         self.conn, child = ctx.Pipe()
         process = ctx.Process(
             target=_serve,
-            args=(child, drafter, self.cores, self.threads, self.ready, self.prefill_done),
+            args=(child, drafter, self.cores, self.threads, self.ready, self.board),
             daemon=True,
             name="drafter",
         )
@@ -468,7 +520,7 @@ class ProcessRunner(DraftRunner):
 
     def start_round1(self, inputs, policy, limit, eos, estimates=False) -> None:
         self._drain()  # before clearing the flag an abandoned round may still set
-        self.prefill_done.clear()
+        self.board.clear()
         self._send("round1", _pack(inputs), policy, limit, eos, estimates)
 
     def abandon_round1(self) -> None:

@@ -59,10 +59,12 @@ class SDConfig:
             1's drafts before they are verified, reading the adapter's estimates of the target's
             states at them, and one target forward verifies both (`_bridge`); round 1's own
             verification forward is saved.
-        wait_for_drafter: False: when the target has prefilled before the drafter has (its
-            draft prefill outlasts the target's), round 1 goes without drafts instead of
-            waiting for it; the drafter finishes on its own cores, unwaited. Only where later
-            rounds do not need the drafter (``decode`` not ``"draft_model"``).
+        wait_for_drafter: False: the target, done prefilling, never waits for the drafter:
+            round 1 takes the drafts made so far (a chain, read off the runner's board; none
+            while the drafter is still in its prefill) and the drafter finishes its step on its
+            own cores, unwaited (a fused round or a tree, which need the whole answer, wait for
+            a drafter past its prefill and go without one still in it). Only where later rounds
+            do not need the drafter (``decode`` not ``"draft_model"``).
     """
 
     policy: DraftPolicy = field(default_factory=DraftPolicy)
@@ -386,16 +388,19 @@ def speculative_generate(
         finally:
             if runner is not None:
                 runner.set_ready(True)  # also on error, so a drafter waiting for it ends
-            r1 = None
-            if drafting_round1 and (config.wait_for_drafter or runner.prefilled()):
+            r1, took = None, False
+            whole = config.fuse_round1 or policy.tree is not None  # need the whole answer
+            if drafting_round1 and (config.wait_for_drafter or (whole and runner.prefilled())):
                 r1 = runner.finish_round1()
-            elif drafting_round1:  # still prefilling: round 1 goes without it
+            elif drafting_round1:  # no waiting: the drafts made so far, if any
+                r1 = None if whole else runner.drafts_so_far()
                 runner.abandon_round1()
+                took = True
         target_threads = torch.get_num_threads()
     t_span = t_spans[0]
     busy.append([t_span.start, t_span.end, target_threads])
-    if r1 is not None:
-        busy.append([r1.prefill.start, r1.drafting.end, r1.threads])
+    if r1 is not None and r1.prefill.end:  # (an abandoned job works on, on its own cores)
+        busy.append([r1.prefill.start, max(r1.prefill.end, r1.drafting.end), r1.threads])
     d_pre, d_span = (r1.prefill, r1.drafting) if r1 is not None else (NOT_RUN, NOT_RUN)
     proposal = r1.proposal if r1 is not None else Proposal([], [])
     # d0 is checked against the prefill's own row (accepted, or the target's token instead);
@@ -492,6 +497,6 @@ def speculative_generate(
         decode_ms=end - round1_end,
         total_ms=end - start,
         overlap_ms=t_span.overlap_ms(Span(d_pre.start, d_span.end)),
-        wait_ms=max(0.0, d_span.end - t_span.end),
+        wait_ms=0.0 if took else max(0.0, d_span.end - t_span.end),
         busy=busy,
     )

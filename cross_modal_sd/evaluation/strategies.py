@@ -130,9 +130,10 @@ def parse_strategies(
             round1=round1,
             sampling=sampling,
             fuse_round1=name in FUSED,
-            # The hybrids never wait for a drafter still prefilling when the target is done:
-            # the head decodes whether round 1 brought drafts or not.
-            wait_for_drafter=not (base in HEAD_STRATEGIES and round1 == "cross_modal"),
+            # The hybrids need not wait for the drafter when the target is done: the head
+            # decodes whether round 1 brought drafts or not (`decoding.hybrid_waits`).
+            wait_for_drafter=not (base in HEAD_STRATEGIES and round1 == "cross_modal")
+            or bool(decoding.get("hybrid_waits", False)),
         )
         canonical = base if base in HEAD_STRATEGIES else f"sd_{kind}_{phase}"
         canonical += TREE_SUFFIX if tree else ""

@@ -204,6 +204,22 @@ class CostProfile:
         ready = self.round1_prefill_ms * self.target_contention
         return self.round_trip_ms / 2 + self.round1_draft_prefill_ms > ready
 
+    def drafts_by_prefill_end(self) -> int:
+        """Drafts a draft job has completed when the target's slowed prefill ends (what a loop
+        that never waits takes: `SDConfig.wait_for_drafter` false)."""
+        if self.drafter_late():
+            return 0
+        step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
+        ready = self.round1_prefill_ms * self.target_contention
+        start = (
+            self.round_trip_ms / 2
+            + self.round1_draft_prefill_ms
+            - self.draft_token_ms * self.draft_contention
+        )
+        if step <= 0:
+            return 10**6
+        return max(0, math.floor((ready - start) / step + 1e-9))
+
     def prefill_drafts(self) -> int:
         """Drafts of a ``gamma="prefill"`` round 1: the first draft proposed once the target
         has prefilled, i.e. the smallest ``G >= 1`` whose job (started half a round trip after

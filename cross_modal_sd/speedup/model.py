@@ -109,14 +109,23 @@ def simulate(
     eos = n < cap
     out = dict.fromkeys(QUANTITIES, 0.0)
     fit = p.prefill_drafts()
-    skipped = config.round1 == "none" or (not config.wait_for_drafter and p.drafter_late())
+    # Never waiting: a chain takes the drafts made by the end of the target's prefill; a fused
+    # round or a tree waits for a drafter past its prefill and skips one still in it.
+    takes = not config.wait_for_drafter and not config.fuse_round1 and policy.tree is None
+    if takes:
+        fit = p.drafts_by_prefill_end()
+    skipped = config.round1 == "none" or (
+        not config.wait_for_drafter and (p.drafter_late() or fit == 0)
+    )
     g, stopped = (
         (0, False)
         if cap < 2 or skipped
         else _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
     )
     drafting = p.drafting_ms(g, stopped)
-    if g:
+    if g and takes:  # the target's prefill beside the job, then the board read: no wait
+        round1 = p.round1_prefill_ms * p.target_contention
+    elif g:
         round1 = p.round1_ms(drafting)
     elif config.round1 == "cross_modal" and cap > 1:  # a late drafter ran beside, unwaited
         round1 = p.round1_prefill_ms * p.target_contention
