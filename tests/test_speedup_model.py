@@ -682,3 +682,17 @@ def test_greedy_spec_without_eos_runs_to_the_cap():
     assert wrapper_greedy(target, STAND_IN_INPUTS[0], spec, warmup=0).tokens == [5, 6, 2, 7, 8]
     with thread_budget(1):
         assert ThreadPlan().round1 is None and DraftInputs is not None
+
+
+def test_regime_plot_takes_a_point_outside_its_first_repeats_interval(tmp_path):
+    """The plotted point is the repeats' mean, the interval the first repeat's: the mean may
+    fall outside it, which must not break the plot."""
+    from cross_modal_sd.speedup.regimes import plot_regimes
+
+    row = {"regime": "reference", "deployment": "shared", "strategy": "hybrid", "predicted": 1.3}
+    rows = [
+        {**row, "speedup": 1.30, "ci95": [1.31, 1.40], "prefill_share": 0.5},
+        {**row, "regime": "p15", "speedup": 1.5, "ci95": [1.4, 1.6], "prefill_share": 0.2},
+    ]
+    plot_regimes(rows, tmp_path / "regimes.png")
+    assert (tmp_path / "regimes.png").stat().st_size > 1000

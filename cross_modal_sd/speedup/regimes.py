@@ -120,8 +120,10 @@ def plot_regimes(rows: Sequence[Mapping[str, Any]], path: Path | None = None):
                 continue
             xs = [p[0] for p in pts]
             ys = [p[1] for p in pts]
-            err = [[y - p[2][0] for y, p in zip(ys, pts, strict=True)],
-                   [p[2][1] - y for y, p in zip(ys, pts, strict=True)]]  # fmt: skip
+            # The point is the repeats' mean, the interval the first repeat's: it may lie outside
+            # it, and an error bar cannot be negative.
+            err = [[max(0.0, y - p[2][0]) for y, p in zip(ys, pts, strict=True)],
+                   [max(0.0, p[2][1] - y) for y, p in zip(ys, pts, strict=True)]]  # fmt: skip
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=name)
             preds = [(x, p[3]) for x, p in zip(xs, pts, strict=True) if p[3] is not None]
             if preds:
