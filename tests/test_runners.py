@@ -154,9 +154,11 @@ def test_the_hybrid_takes_the_drafts_made_so_far_without_waiting(world, where):
             head = ScriptedHead(reference, world.limit)
             runs[wait] = speculative_generate(world.target, r, t_in, d_in, config, head=head)
             assert runs[wait].tokens == reference
-    # d0 comes with the prefill; feeding it takes 250 ms, far past the target's prefill.
-    assert runs[False].drafted[0] == 1 and runs[False].wait_ms == 0
-    assert runs[True].drafted[0] == 2 and runs[True].wait_ms > 100
+    # d0 comes right after the draft prefill (on the board by the time the target is done,
+    # unless the drafter's thread or process has not been scheduled yet); feeding it takes
+    # 250 ms, far past the target's prefill: the patient loop waits for it and gets d1 too.
+    assert runs[False].drafted[0] < runs[True].drafted[0] == 2
+    assert runs[False].wait_ms == 0 and runs[True].wait_ms > 100
 
 
 def test_waiting_only_makes_sense_where_later_rounds_do_without_the_drafter():
