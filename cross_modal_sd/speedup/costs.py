@@ -204,36 +204,35 @@ class CostProfile:
         ready = self.round1_prefill_ms * self.target_contention
         return self.round_trip_ms / 2 + self.round1_draft_prefill_ms > ready
 
+    def _window(self) -> tuple[float, float]:
+        """(drafts the job can make by the end of the target's slowed prefill, as a real
+        number; ∞ when drafting is free). The job starts half a round trip after the command;
+        draft k is done at ``start + k * step`` (the first comes with the prefill's state)."""
+        step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
+        if step <= 0:
+            return math.inf
+        ready = self.round1_prefill_ms * self.target_contention
+        start = (
+            self.round_trip_ms / 2
+            + self.round1_draft_prefill_ms
+            - self.draft_token_ms * self.draft_contention
+        )
+        return (ready - start) / step
+
     def drafts_by_prefill_end(self) -> int:
         """Drafts a draft job has completed when the target's slowed prefill ends (what a loop
         that never waits takes: `SDConfig.wait_for_drafter` false)."""
         if self.drafter_late():
             return 0
-        step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
-        ready = self.round1_prefill_ms * self.target_contention
-        start = (
-            self.round_trip_ms / 2
-            + self.round1_draft_prefill_ms
-            - self.draft_token_ms * self.draft_contention
-        )
-        if step <= 0:
-            return 10**6
-        return max(0, math.floor((ready - start) / step + 1e-9))
+        fit = self._window()
+        return 10**6 if math.isinf(fit) else max(0, math.floor(fit + 1e-9))
 
     def prefill_drafts(self) -> int:
         """Drafts of a ``gamma="prefill"`` round 1: the first draft proposed once the target
-        has prefilled, i.e. the smallest ``G >= 1`` whose job (started half a round trip after
-        the command) reaches the end of the target's slowed prefill."""
-        step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
-        ready = self.round1_prefill_ms * self.target_contention
-        start = (
-            self.round_trip_ms / 2
-            + self.round1_draft_prefill_ms
-            - self.draft_token_ms * self.draft_contention
-        )
-        if step <= 0:
-            return 10**6  # drafting is free: the round cap decides
-        return max(1, math.ceil((ready - start) / step - 1e-9))
+        has prefilled, i.e. the smallest ``G >= 1`` whose job reaches the end of the target's
+        slowed prefill (drafting free: the round cap decides)."""
+        fit = self._window()
+        return 10**6 if math.isinf(fit) else max(1, math.ceil(fit - 1e-9))
 
     def baseline_ms(self, n_tokens: int) -> float:
         """The baseline's greedy decoding of an ``n_tokens`` answer."""
