@@ -261,18 +261,23 @@ def test_lr_reaches_minimum_at_last_optimizer_step(aligned_cache, tmp_path, epoc
 # ----------------------------------------------------------------------------- end to end
 
 
+def train_once(cache: Path, tmp_path_factory, name: str, *overrides: str):
+    """(run directory, `train` result) of one run on ``cache`` with ``overrides``."""
+    out = tmp_path_factory.mktemp(name)
+    return out, train(make_cfg(cache, out, *overrides))
+
+
 @pytest.fixture(scope="module")
 def trained(aligned_cache, tmp_path_factory):
     """One 3-epoch L1 run (shared by several tests)."""
-    out = tmp_path_factory.mktemp("trained")
-    cfg = make_cfg(
+    return train_once(
         aligned_cache,
-        out,
+        tmp_path_factory,
+        "trained",
         "trainer.max_epochs=3",
         "optimizer.lr=0.003",
         "callbacks.early_stopping=null",
     )
-    return out, train(cfg)
 
 
 def offline_metrics(adapter, cache_dir: Path) -> dict[str, float]:
@@ -552,10 +557,10 @@ def head_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_head(head_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("head")
-    cfg = make_cfg(
+    return train_once(
         head_cache,
-        out,
+        tmp_path_factory,
+        "head",
         "experiment=head",
         "adapter.heads=2",
         "adapter.max_len=16",
@@ -567,7 +572,6 @@ def trained_head(head_cache, tmp_path_factory):
         "trainer.enable_model_summary=false",
         "trainer.num_sanity_val_steps=0",
     )
-    return out, train(cfg)
 
 
 def test_head_training_reaches_a_known_loss(head_cache, trained_head):

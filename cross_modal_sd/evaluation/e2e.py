@@ -256,7 +256,9 @@ class _Methods:
                 cores, runner, plan = s.budget.sd_cores, self.runner, self.plan
             else:
                 cores, runner, plan = s.budget.target_cores, None, self.solo_plan
-            chooser = TokenChooser(sampling, torch.Generator().manual_seed(seed))
+            chooser = None  # greedy: the loop's shared greedy chooser
+            if not sampling.greedy:
+                chooser = TokenChooser(sampling, torch.Generator().manual_seed(seed))
             with s.budget.pinned(cores):
                 return speculative_generate(
                     s.pair.target, runner, t_in, d_in, sd, plan, s.head, chooser
@@ -476,18 +478,18 @@ def summarize_e2e(
                     head_acceptance = acceptance.with_head(setup.head_export)
                 except ValueError as err:
                     warnings.append(f"no predicted_speedup for the head strategies: {err}")
-            trees = [
+            unpriced = [
                 s.name
                 for s in strategies
                 if s.sd is not None and (s.sd.policy.tree or s.sd.fuse_round1)
             ]
-            if trees:
+            if unpriced:
                 warnings.append(
-                    f"no predicted_speedup for {trees}: the speedup model prices chains of "
+                    f"no predicted_speedup for {unpriced}: the speedup model prices chains of "
                     f"drafts verified round by round, not trees or fused rounds"
                 )
             for s in strategies:
-                if s.kind != "sd" or s.name in trees:
+                if s.kind != "sd" or s.name in unpriced:
                     continue
                 acc = head_acceptance if s.sd.decode == "head" else acceptance
                 if acc is None:
