@@ -244,7 +244,7 @@ def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
 def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(world):
     settings = {"temperature": 0.3, "top_k": 0, "top_p": 0.9, "seed": 5}
     cfg = _cfg(
-        strategies=["sd_fixed", "hybrid", "prompt_lookup"],
+        strategies=["sd_fixed", "hybrid", "sd_fixed_tree", "prompt_lookup"],
         head_ckpt=str(world.head_ckpt),
         sampling=settings,
         cost_profile=True,
@@ -257,7 +257,7 @@ def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(
         assert s["lossless"] is None and s["flag"] is None, name
         assert "predicted_speedup" not in s  # the export scores greedy acceptance only
     assert any("no predicted_speedup: sampling" in w for w in report["warnings"])
-    for name in ("sd_fixed_draft_model", "hybrid"):
+    for name in ("sd_fixed_draft_model", "hybrid", "sd_fixed_draft_model_tree"):
         assert 0 < report["strategies"][name]["accept_rate"] <= 1
         for r in records:
             assert r["strategies"][name]["config"]["sampling"] == settings
@@ -310,12 +310,6 @@ def test_tree_and_fused_strategies_are_lossless_named_and_not_priced_as_chains(w
     assert fused["method"] == "sd/fused/fixed-prefill/head" and "predicted_speedup" not in fused
     assert "predicted_speedup" in report["strategies"]["head"]
     assert any("the speedup model prices chains" in w for w in report["warnings"])
-
-
-def test_tree_strategies_refuse_sampling(world):
-    cfg = _cfg(strategies=["sd_fixed_tree"], sampling={"temperature": 1.0})
-    with pytest.raises(ValueError, match="verified greedily only"):
-        run_e2e(world.pair, load_export(world.ckpt), world.samples[:1], cfg)
 
 
 def test_head_strategies_need_a_head_export(world, tmp_path):

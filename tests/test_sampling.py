@@ -6,7 +6,8 @@ forwards. SD runs (many seeds) with scripted drafts, right and wrong at chosen p
 compared with them by a chi-square goodness-of-fit test at significance 1e-3: an exact sampler
 fails it with probability 0.001 for a random seed set (the seed set here is fixed, so the
 outcome is reproducible), and a deliberately biased acceptance rule must fail it (a mild one,
-accepting with probability p^0.8 instead of p, and accepting always).
+accepting with probability p^0.8 instead of p, and accepting always). Draft trees are checked
+the same way: recursive rejection over each node's children.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cross_modal_sd.decoding import (
     ScriptedHead,
     SDConfig,
     TokenChooser,
+    TreeShape,
     hf_greedy,
     loop_tokens,
     speculative_generate,
@@ -107,8 +109,11 @@ def sd_answers(tiny: Tiny, config: SDConfig, wrong_at=(), acceptance=None, head=
     return counts
 
 
-def config(tiny: Tiny, decode: str = "draft_model", round1: str = "cross_modal") -> SDConfig:
-    return SDConfig(DraftPolicy(gamma=2), decode, LENGTH, tiny.eos, round1, SAMPLING)
+def config(
+    tiny: Tiny, decode: str = "draft_model", round1: str = "cross_modal", tree: bool = False
+) -> SDConfig:
+    policy = DraftPolicy(gamma=2, tree=TreeShape(nodes=4, top_k=2) if tree else None)
+    return SDConfig(policy, decode, LENGTH, tiny.eos, round1, SAMPLING)
 
 
 def test_the_cells_are_a_distribution_the_target_can_stray_from(tiny):
@@ -119,24 +124,40 @@ def test_the_cells_are_a_distribution_the_target_can_stray_from(tiny):
 
 
 @pytest.mark.parametrize(
-    ("decode", "round1", "wrong_at"),
+    ("decode", "round1", "wrong_at", "tree"),
     [
-        ("draft_model", "cross_modal", ()),  # the target's greedy path drafted
-        ("draft_model", "cross_modal", (1,)),  # a wrong draft in the middle
-        ("autoregressive", "cross_modal", (0,)),  # round 1 wrong from the start
-        ("head", "cross_modal", (2,)),  # the hybrid
-        ("head", "none", ()),  # head only
+        ("draft_model", "cross_modal", (), False),  # the target's greedy path drafted
+        ("draft_model", "cross_modal", (1,), False),  # a wrong draft in the middle
+        ("autoregressive", "cross_modal", (0,), False),  # round 1 wrong from the start
+        ("head", "cross_modal", (2,), False),  # the hybrid
+        ("head", "none", (), False),  # head only
+        # Trees: recursive rejection over two children per node (the scripted second branch
+        # is the greedy token where the first is wrong, another token where it is right).
+        ("draft_model", "cross_modal", (1,), True),
+        ("head", "cross_modal", (0,), True),
     ],
 )
-def test_sd_sampling_distribution_equals_the_target_s(tiny, decode, round1, wrong_at):
-    counts = sd_answers(tiny, config(tiny, decode, round1), wrong_at, head=decode == "head")
+def test_sd_sampling_distribution_equals_the_target_s(tiny, decode, round1, wrong_at, tree):
+    cfg = config(tiny, decode, round1, tree)
+    counts = sd_answers(tiny, cfg, wrong_at, head=decode == "head")
     stat, dof, p_value = chi_square(counts, tiny.exact, RUNS)
     assert p_value > ALPHA, f"chi2 {stat:.1f} on {dof} dof, p = {p_value:.2e}"
 
 
-@pytest.mark.parametrize("rule", [lambda p: p**0.8, lambda p: 1.0], ids=["p^0.8", "always"])
-def test_a_biased_acceptance_rule_fails_the_distribution_test(tiny, rule):
-    counts = sd_answers(tiny, config(tiny), acceptance=rule)
+@pytest.mark.parametrize(
+    ("rule", "tree"),
+    [
+        (lambda p: p**0.8, False),
+        (lambda p: 1.0, False),
+        # In a tree the over-accepted second branch partly makes up for the first (p^0.8 gives
+        # p = 2.5e-3 at 800 runs), so the mild rule is p^0.6 there (p = 2e-34).
+        (lambda p: p**0.6, True),
+        (lambda p: 1.0, True),
+    ],
+    ids=["p^0.8-chain", "always-chain", "p^0.6-tree", "always-tree"],
+)
+def test_a_biased_acceptance_rule_fails_the_distribution_test(tiny, rule, tree):
+    counts = sd_answers(tiny, config(tiny, tree=tree), acceptance=rule)
     _, _, p_value = chi_square(counts, tiny.exact, RUNS)
     assert p_value < ALPHA
 

@@ -14,7 +14,6 @@ from cross_modal_sd.decoding import (
     DecodeSpec,
     DraftPolicy,
     DraftTree,
-    Sampling,
     ScriptedDrafter,
     ScriptedHead,
     SDConfig,
@@ -76,12 +75,6 @@ def test_bad_trees_are_rejected(parents, match):
 def test_bad_tree_shapes_fail_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TreeShape(**kwargs)
-
-
-def test_trees_are_greedy_only():
-    policy = DraftPolicy(tree=TreeShape())
-    with pytest.raises(ValueError, match="verified greedily only"):
-        SDConfig(policy=policy, sampling=Sampling(temperature=1.0))
 
 
 # --- growth --------------------------------------------------------------------------------

@@ -12,13 +12,15 @@ transformers' own warpers in `generate`'s order (temperature, top-k, top-p), so 
 drafts deterministically (``q`` one-hot on the draft ``d``), so speculative sampling's rule
 "accept with probability min(1, p(d)/q(d)), else sample from the normalised residual
 max(0, p - q)" becomes: accept ``d`` with probability ``p(d)``; on a rejection sample from ``p``
-with ``d`` removed and renormalised. The committed tokens are then distributed exactly as the
-target's own sampling (tested by a chi-square test in ``tests/test_sampling.py``).
+with ``d`` removed and renormalised. A draft tree's node with several children applies this
+recursively (`TokenChooser.walk`): each child in turn against what the earlier ones left. The
+committed tokens are then distributed exactly as the target's own sampling (tested by a
+chi-square test in ``tests/test_sampling.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,6 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-from cross_modal_sd.decoding.drafters import common_prefix_len
 
 
 @dataclass(frozen=True)
@@ -169,26 +169,65 @@ class TokenChooser:
         n, k = logits.shape[0], len(drafts)
         if k > n:
             raise ValueError(f"{k} drafts for {n} rows of logits")
-        if self.sampling.greedy:
-            greedy = logits.argmax(dim=-1).tolist()
-            accepted = common_prefix_len(drafts, greedy)
-            return accepted, greedy[: accepted + 1] if accepted < n else greedy[:accepted]
-        probs = self.probs(logits)
+        path, committed = self.walk(logits, lambda i: [i + 1] if i + 1 < k else [], drafts)
+        return len(path), committed
+
+    def walk(
+        self,
+        logits: torch.Tensor,
+        children: Callable[[int], Sequence[int]],
+        tokens: Sequence[int],
+    ) -> tuple[list[int], list[int]]:
+        """Accepts a path down a draft tree: at each node (from the root, -1) one of its
+        children or none, then the target's token where the path stops.
+
+        Greedy: the child equal to the row's argmax. Sampling: recursive rejection with
+        deterministic drafts: child c is accepted with probability r(c), r the row's
+        distribution with the children tried before removed and renormalised; when all are
+        rejected, the token is drawn from what is left of r. The path's tokens are then
+        distributed as the target's own sampling (each step draws exactly from p).
+
+        Args:
+            logits: (n, V); row ``i + 1`` is the target's distribution after node i (row 0:
+                after the root). A path reaching node n - 1 ends without a token after it.
+            children: node -> its children, tried in this order.
+            tokens: every node's draft token.
+
+        Returns:
+            The accepted nodes, root to deepest, and the committed tokens (theirs, then the
+            target's where there is a row for it).
+        """
+        greedy = logits.argmax(dim=-1).tolist() if self.sampling.greedy else None
+        probs = None if greedy is not None else self.probs(logits)
+        path: list[int] = []
         committed: list[int] = []
-        for i, d in enumerate(drafts):
-            p = probs[i]
-            if self._uniform() < self.acceptance(float(p[d])):
-                committed.append(int(d))
-                continue
-            residual = p.clone()
-            residual[d] = 0.0
-            if float(residual.sum()) <= 0.0:  # p(d) = 1 under a biased rule: nothing else
-                residual = p
-            committed.append(self._draw(residual / residual.sum()))
-            return i, committed
-        if k < n:
-            committed.append(self._draw(probs[k]))
-        return k, committed
+        node = -1
+        while node + 1 < logits.shape[0]:
+            kids = list(children(node))
+            if greedy is not None:
+                token = greedy[node + 1]
+                chosen = next((c for c in kids if tokens[c] == token), None)
+            else:
+                chosen, token = self._branch(probs[node + 1], [tokens[c] for c in kids])
+                chosen = None if chosen is None else kids[chosen]
+            committed.append(token)
+            if chosen is None:
+                break
+            path.append(chosen)
+            node = chosen
+        return path, committed
+
+    def _branch(self, p: torch.Tensor, drafts: Sequence[int]) -> tuple[int | None, int]:
+        """Recursive rejection of one row over distinct deterministic drafts: (index of the
+        accepted draft or None, the committed token)."""
+        residual = p.clone()
+        for j, d in enumerate(drafts):
+            mass = float(residual.sum())
+            if self._uniform() < self.acceptance(float(residual[d]) / mass):
+                return j, int(d)
+            if float(residual[d]) < mass:  # else it held all the mass (only a biased rule)
+                residual[d] = 0.0
+        return None, self._draw(residual / residual.sum())
 
 
 GREEDY_CHOOSER = TokenChooser()  # stateless: shared by every greedy loop

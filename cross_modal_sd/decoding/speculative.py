@@ -81,12 +81,6 @@ class SDConfig:
             raise ValueError(f"SDConfig.decode must be one of {DECODE_PHASES}, got {self.decode!r}")
         if self.round1 not in ROUND1_KINDS:
             raise ValueError(f"SDConfig.round1 must be one of {ROUND1_KINDS}, got {self.round1!r}")
-        if self.policy.tree is not None and not self.sampling.greedy:
-            raise ValueError(
-                f"{self.policy.name}: draft trees are verified greedily only (sampling over a "
-                f"tree needs recursive rejection sampling, not implemented); use a chain policy "
-                f"or temperature 0"
-            )
         if self.fuse_round1 and (
             self.round1 != "cross_modal" or self.decode != "head" or self.policy.tree
         ):
@@ -277,10 +271,10 @@ def verify_round(
     drafts: Sequence[int] | DraftTree,
     chooser: TokenChooser = GREEDY_CHOOSER,
 ) -> tuple[TargetState, int, list[int]]:
-    """`verify` for a chain of drafts, `trees.verify_tree` for a tree (greedy): the new
-    state, the number of accepted drafts and the committed tokens."""
+    """`verify` for a chain of drafts, `trees.verify_tree` for a tree: the new state, the
+    number of accepted drafts and the committed tokens."""
     if isinstance(drafts, DraftTree):
-        state, path, committed = verify_tree(target, state, drafts)
+        state, path, committed = verify_tree(target, state, drafts, chooser)
         return state, len(path), committed
     return verify(target, state, drafts, chooser)
 
@@ -405,17 +399,16 @@ def speculative_generate(
     proposal = r1.proposal if r1 is not None else Proposal([], [])
     # d0 is checked against the prefill's own row (accepted, or the target's token instead);
     # only d1.. need a target forward (after d0). With no d1 that forward would verify
-    # nothing, so it is left to the next round. A tree: the root's child equal to the
-    # prefill's greedy token, if any, and its subtree.
+    # nothing, so it is left to the next round. A tree: the root's child that the prefill's
+    # row accepts (`TokenChooser.walk`), if any, and its subtree.
     drafts, rest = proposal.tokens, proposal.tokens[1:]
     if proposal.parents is None:
         accepted, first = chooser.choose(out.logits[0, -1:], drafts[:1])
-    else:
-        _, first = chooser.choose(out.logits[0, -1:], [])
+    else:  # the root's children against the prefill's row (recursive rejection)
         tree = proposal.tree()
-        match = [c for c in tree.children(-1) if tree.tokens[c] == first[0]]
-        accepted = int(bool(match))
-        rest = tree.subtree(match[0]) if match else []
+        path, first = chooser.walk(out.logits[0, -1:], tree.children, tree.tokens)
+        accepted = len(path)
+        rest = tree.subtree(path[0]) if path else []
     state = TargetState(out.cache, out.cache.get_seq_length(), first, out.hidden[:, -1:])
     sigma = state.states  # σ_{-1} .. σ_{len(answer) - 2}: what a head reads
     answer, done = extend_answer([], state.answer, eos, cap)

@@ -1,4 +1,4 @@
-"""Draft trees: several continuations per round, verified in one target forward (greedy).
+"""Draft trees: several continuations per round, verified in one target forward.
 
 A chain stops at its first miss; a tree keeps a few alternatives where the drafter is unsure,
 and the target checks every node at once under a tree attention mask (docs/design.md §11).
@@ -10,9 +10,10 @@ and the target checks every node at once under a tree attention mask (docs/desig
   candidate joins the tree, and a node is expanded (its drafter's top-k become candidates)
   when it is the best thing left to do, until the node budget is spent.
 * `verify_tree`: one target forward over [root, nodes...] with positions by depth and a mask
-  that lets each node see the cache, the root and its own ancestors; the longest path whose
-  tokens equal the target's greedy choices is accepted, the target's token after it added,
-  and the KV cache reduced to the accepted path by a gather (not only a crop).
+  that lets each node see the cache, the root and its own ancestors; the path is accepted by
+  the run's `sampling.TokenChooser` (greedy: the longest path whose tokens equal the target's
+  greedy choices; sampling: recursive rejection), the target's token after it added, and the
+  KV cache reduced to the accepted path by a gather (not only a crop).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cross_modal_sd.decoding.sampling import GREEDY_CHOOSER, TokenChooser
 from cross_modal_sd.models.wrappers import TargetDecoder, gather_cache
 
 
@@ -167,14 +169,14 @@ def grow_tree(
 
 
 def verify_tree(
-    target: TargetDecoder, state, tree: DraftTree
+    target: TargetDecoder, state, tree: DraftTree, chooser: TokenChooser = GREEDY_CHOOSER
 ) -> tuple[object, list[int], list[int]]:
-    """Verifies a draft tree below ``state.answer[-1]`` in one target forward (greedy).
+    """Verifies a draft tree below ``state.answer[-1]`` in one target forward.
 
-    The target's greedy token at the root picks the matching child, whose row picks the next,
-    and so on; the first row whose token no child has gives the correction (or, at a leaf, the
-    bonus). The cache keeps prompt + answer[:-1] of the new answer: the root's and the
-    accepted nodes' entries, gathered.
+    The root's row picks one of its children (`TokenChooser.walk`; greedy: the child equal to
+    its argmax), whose row picks the next, and so on; the first row that picks no child gives
+    the correction (or, at a leaf, the bonus). The cache keeps prompt + answer[:-1] of the new
+    answer: the root's and the accepted nodes' entries, gathered.
 
     Returns:
         The new `speculative.TargetState`, the accepted nodes (root to deepest) and the
@@ -190,17 +192,8 @@ def verify_tree(
         attention_mask=tree.attention(past, dtype, device),
         position_ids=tree.positions(past, device),
     )
-    greedy = out.logits[0].argmax(dim=-1).tolist()  # row 0: the root; row i + 1: node i
-    path: list[int] = []
-    node = -1
-    while True:
-        token = greedy[node + 1]
-        match = [c for c in tree.children(node) if tree.tokens[c] == token]
-        if not match:
-            break
-        node = match[0]
-        path.append(node)
-    committed = [tree.tokens[i] for i in path] + [greedy[node + 1]]
+    # Row 0: the root; row i + 1: node i.
+    path, committed = chooser.walk(out.logits[0], tree.children, tree.tokens)
     gather_cache(state.cache, past + 1, [past + 1 + i for i in path])
     states = out.hidden[:, [0, *(i + 1 for i in path)]]
     new = type(state)(state.cache, state.prompt_len, state.answer + committed, states)

@@ -38,7 +38,7 @@ _CHAINS: dict[str, tuple[str, str, str | None]] = {
     "head": ("none", "fixed", "head"),
     "hybrid": ("cross_modal", "fixed", "head"),
 }
-# Every configuration also drafts trees (`<name>_tree`: `decoding.tree`, greedy only).
+# Every configuration also drafts trees (`<name>_tree`: `decoding.tree`).
 TREE_SUFFIX = "_tree"
 # The hybrid whose head drafts on from round 1's drafts before their verification, reading the
 # adapter's estimates of the target's states (one forward verifies both: `SDConfig.fuse_round1`).
@@ -89,7 +89,7 @@ def parse_strategies(
     ``sd_<policy>`` takes the decode phase of `decoding`; ``sd_<policy>_<phase>`` names it;
     ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
     (round 1: none, or cross-modal drafts while the target prefills); ``<name>_tree`` drafts
-    trees of ``decoding.tree`` instead of chains (greedy only); ``hybrid_fused`` verifies round
+    trees of ``decoding.tree`` instead of chains; ``hybrid_fused`` verifies round
     1's drafts and the head's first ones in one forward. The other policies'
     settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
     ``confidence.threshold``, ``max_drafts``); every SD configuration decodes with `sampling`.
