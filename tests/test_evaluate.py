@@ -255,8 +255,12 @@ def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(
     assert report["lossless"] is None and report["lossless_rate"] is None
     for name, s in report["strategies"].items():
         assert s["lossless"] is None and s["flag"] is None, name
-        assert "predicted_speedup" not in s  # the export scores greedy acceptance only
-    assert any("no predicted_speedup: sampling" in w for w in report["warnings"])
+    # Chains are priced at T > 0 from the target's recorded distributions; sampled trees not.
+    for name in ("sd_fixed_draft_model", "hybrid"):
+        predicted = report["strategies"][name]["predicted_speedup"]
+        assert "sampled T0.3-p0.9-k0" in predicted["acceptance"]["source"]
+    assert "predicted_speedup" not in report["strategies"]["sd_fixed_draft_model_tree"]
+    assert any("sampled trees" in w for w in report["warnings"])
     for name in ("sd_fixed_draft_model", "hybrid", "sd_fixed_draft_model_tree"):
         assert 0 < report["strategies"][name]["accept_rate"] <= 1
         for r in records:
@@ -291,7 +295,7 @@ def test_the_hybrid_never_waits_for_the_drafter_by_default(world):
         assert run["config"]["wait_for_drafter"] is False and run["wait_ms"] == 0
 
 
-def test_tree_and_fused_strategies_are_lossless_named_and_not_priced_as_chains(world):
+def test_tree_and_fused_strategies_are_lossless_named_and_priced_where_modelled(world):
     cfg = _cfg(
         strategies=["sd_fixed_tree", "hybrid_tree", "head_tree", "head", "hybrid_fused"],
         head_ckpt=str(world.head_ckpt),
@@ -306,9 +310,13 @@ def test_tree_and_fused_strategies_are_lossless_named_and_not_priced_as_chains(w
         assert policy["tree"] == {"nodes": 12, "top_k": 2}
     assert report["strategies"]["head_tree"]["method"] == "sd/none/fixed-prefill-tree12x2/head"
     assert "predicted_speedup" not in report["strategies"]["head_tree"]
+    assert "predicted_speedup" not in report["strategies"]["hybrid_tree"]  # a head's trees
     fused = report["strategies"]["hybrid_fused"]
     assert fused["method"] == "sd/fused/fixed-prefill/head" and "predicted_speedup" not in fused
     assert "predicted_speedup" in report["strategies"]["head"]
+    # The cross-modal drafter's trees are priced: more drafts a round than its chains verify.
+    tree = report["strategies"]["sd_fixed_draft_model_tree"]["predicted_speedup"]
+    assert tree["first_drafted"] > 0 and tree["tau"] >= 1
     assert any("the speedup model prices chains" in w for w in report["warnings"])
 
 
@@ -543,6 +551,20 @@ def test_offline_metrics_equal_the_functional_definitions(tmp_path):
     assert sum(result["curves"]["accepted_length_hist"]) == 5
     assert [r["sample_id"] for r in rows] == ["s0", "s2", "s3", "s5", "s6"]
     assert [r["length"] for r in rows] == [1, 3, 4, 6, 1]
+    # The sequences the speedup model prices trees and sampling with, by their definitions.
+    probs = (pred @ lm_head[:10].T).softmax(dim=-1)  # (B, T, 10)
+    target = batch["h_target"] @ lm_head[:10].T
+    for b, r in enumerate(rows):
+        for i in range(r["length"]):
+            best = probs[b, i].topk(4)
+            assert r["top_probs"][i] == pytest.approx(best.values.tolist(), rel=2e-3, abs=1e-4)
+            listed = best.indices.tolist()
+            want = listed.index(int(tokens[b, i])) if int(tokens[b, i]) in listed else -1
+            assert r["rank"][i] == want and r["match"][i] == (want == 0)
+            order = target[b, i].argsort(descending=True).tolist()
+            assert r["draft_rank"][i] == order.index(int(pred_tokens[b, i]))  # 10 ids < 32
+            top = target[b, i].sort(descending=True).values.tolist()
+            assert r["target_logits"][i] == pytest.approx(top, rel=2e-3, abs=2e-3)
 
 
 def test_run_offline_split_all_and_val_and_dims_mismatch(tmp_path):

@@ -97,10 +97,15 @@ def test_chain_runs_by_hand():
     c = 2
     tokens = torch.tensor([[5, 2, 2, 1, 2, 2], [2, 2, 2, 2, 0, 0]])
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    runs = chain_runs(Constant(weight[c]), torch.zeros(2, 6, 4), tokens, mask, weight, k=3)
+    # The target's logits everywhere: token 1 first, then 0, 2, 3 (4 and 5 read nothing: 0).
+    h = torch.tensor([0.5, 1.0, 0.25, 0.1]).expand(2, 6, 4)
+    runs, miss_rank = chain_runs(Constant(weight[c]), h, tokens, mask, weight, k=3)
     # runs[b, L]: drafts for y_{L+1}.. (k = 3 at most); -1 where the answer ends at L.
     assert runs.tolist() == [[2, 1, 0, 2, 1, -1], [3, 2, 1, -1, -1, -1]]
-    limited = chain_runs(Constant(weight[c]), torch.zeros(2, 6, 4), tokens, mask, weight, 2, 3)
+    # The first wrong draft (always 2) stands third among the target's logits; chains without
+    # a miss within k (or no token after L) have -1.
+    assert miss_rank.tolist() == [[2, 2, 2, -1, -1, -1], [-1, -1, -1, -1, -1, -1]]
+    limited, _ = chain_runs(Constant(weight[c]), h, tokens, mask, weight, 2, 3)
     assert limited.tolist() == [[0, 0, 0, 0, 0, -1], [0, 0, 0, -1, -1, -1]]  # c=2 never drafted
 
 
@@ -294,7 +299,7 @@ def test_chain_runs_predict_head_rounds(world, trained_head):
             weight,
             world.limit,
             k=gamma,
-        )[0]
+        )[0][0]
         result = speculative_generate(world.target, None, *world.inputs(i), config, head=head)
         length = 1
         for drafted, accepted, committed in zip(

@@ -6,6 +6,7 @@ must match the SD loop's measured wall time."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ from cross_modal_sd.decoding import (
     DraftInputs,
     DraftPolicy,
     LocalRunner,
+    Sampling,
     ScriptedDrafter,
     ScriptedHead,
     SDConfig,
     TargetInputs,
     ThreadPlan,
+    TreeShape,
     speculative_generate,
     thread_budget,
     wrapper_greedy,
@@ -534,16 +537,91 @@ def test_geometric_and_mean_acceptance():
 def test_acceptance_round_trips_through_padded_arrays():
     from cross_modal_sd.metrics.offline import acceptance_arrays
 
+    top = [[0.5, 0.25, 0.125, 0.0625]] * 3
     rows = [
-        {"match": [True, False, True], "confidence": [0.9, 0.25, 0.5]},
-        {"match": [True], "confidence": [1.0]},
+        {
+            "match": [True, False, True],
+            "confidence": [0.9, 0.25, 0.5],
+            "top_probs": top,
+            "rank": [0, 1, -1],
+            "target_logits": [[2.0, 1.0], [3.0, 0.5], [1.0, 1.0]],
+            "draft_rank": [0, -1, 1],
+        },
+        {
+            "match": [True],
+            "confidence": [1.0],
+            "top_probs": top[:1],
+            "rank": [0],
+            "target_logits": [[4.0, 0.0]],
+            "draft_rank": [0],
+        },
     ]
     arrays = acceptance_arrays(rows)
     assert arrays["match"].shape == (2, 3) and arrays["lengths"].tolist() == [3, 1]
-    acc = Acceptance.from_arrays(arrays["match"], arrays["confidence"], arrays["lengths"])
+    assert arrays["top_probs"].shape == (2, 3, 4) and arrays["target_logits"].shape == (2, 3, 2)
+    assert arrays["rank"][1].tolist() == [0, -1, -1]  # padded with -1
+    acc = Acceptance.from_arrays(**arrays)
     assert acc.match == ((True, False, True), (True,))
     stored = torch.tensor(0.9, dtype=torch.float16).item()  # float16 storage
     assert acc.confidence == ((stored, 0.25, 0.5), (1.0,))
+    assert acc.top == (tuple(map(tuple, top)), (tuple(top[0]),))
+    assert acc.rank == ((0, 1, -1), (0,)) and acc.draft_rank == ((0, -1, 1), (0,))
+    assert [t.tolist() for t in acc.target_logits] == [rows[0]["target_logits"], [[4.0, 0.0]]]
+
+
+def _sampling_acceptance() -> Acceptance:
+    """Four positions whose target logits give p = (3/4, 1/4) three times, then (7/8, 1/8), at
+    T = 1. The cross-modal drafts stand at ranks 0, 0, 1 and outside; the head's
+    chain from start 0 has one right draft, then a wrong one at the target's rank 1; from
+    start 1 its first draft is that wrong one; from start 2 one right draft (the answer ends)."""
+    row = [[math.log(3), 0.0]] * 3 + [[math.log(7), 0.0]]
+    return Acceptance(
+        ((True, True, False, False),),
+        ((0.9,) * 4,),
+        head_runs=((1, 0, 1),),
+        head_k=4,
+        target_logits=(torch.tensor(row),),
+        draft_rank=((0, 0, 1, -1),),
+        head_miss_rank=((1, 1, -1),),
+    )
+
+
+def test_sampled_acceptance_accepts_a_draft_with_its_target_probability():
+    draws = 4000
+    acc = _sampling_acceptance().sampled(Sampling(temperature=1.0), repeats=draws, seed=1)
+    assert len(acc.match) == draws and acc.confidence[0] == (0.9,) * 4
+    rates = [sum(m[i] for m in acc.match) / draws for i in range(4)]
+    assert rates == pytest.approx([0.75, 0.75, 0.25, 0.0], abs=0.03)  # sd <= 0.008
+    # Head runs: from start 0, 0 w.p. 1/4, 1 w.p. 3/4 * 3/4, 2 (its wrong draft accepted) w.p.
+    # 3/4 * 1/4: mean 15/16; from start 1, 1/4; from start 2, 7/8.
+    means = [sum(r[i] for r in acc.head_runs) / draws for i in range(3)]
+    assert means == pytest.approx([15 / 16, 0.25, 7 / 8], abs=0.04)
+    # top-k 1 keeps the target's first choice alone: certain acceptance or none.
+    top1 = _sampling_acceptance().sampled(Sampling(temperature=1.0, top_k=1), repeats=50)
+    assert set(top1.match) == {(True, True, False, False)} and set(top1.head_runs) == {(1, 0, 1)}
+    # T = 0.5 squares the odds: 3/4 becomes 9/10.
+    cold = _sampling_acceptance().sampled(Sampling(temperature=0.5), repeats=draws, seed=2)
+    assert sum(m[1] for m in cold.match) / draws == pytest.approx(0.9, abs=0.03)
+
+
+def test_sampled_predictions_need_the_target_distributions():
+    acc = _sampling_acceptance()
+    with pytest.raises(ValueError, match="temperature 0 is greedy"):
+        acc.sampled(Sampling())
+    with pytest.raises(ValueError, match="no target distributions"):
+        Acceptance(acc.match, acc.confidence, "old export").sampled(Sampling(temperature=1.0))
+    config = SDConfig(DraftPolicy(gamma=2), "draft_model", 8, sampling=Sampling(temperature=1.0))
+    low = predict(_toy_profile(), acc, config)
+    assert "sampled T1" in low["acceptance"]["source"]
+    greedy = predict(_toy_profile(), acc, SDConfig(DraftPolicy(gamma=2), "draft_model", 8))
+    # The greedy replay accepts positions 0 and 1 for sure; sampling accepts them less often.
+    assert low["accept_rate"] < greedy["accept_rate"]
+    tree = SDConfig(DraftPolicy(gamma=2, tree=TreeShape(4, 2)), "draft_model", 8)
+    with pytest.raises(ValueError, match="no drafter top-k recorded"):
+        predict(_toy_profile(), acc, tree)
+    sampled_tree = SDConfig(tree.policy, "draft_model", 8, sampling=Sampling(temperature=1.0))
+    with pytest.raises(ValueError, match="sampled draft trees are not priced"):
+        predict(_toy_profile(), acc, sampled_tree)
 
 
 def test_acceptance_from_an_export():

@@ -211,3 +211,47 @@ def test_tree_sd_equals_greedy_with_scripted_drafters(tiny, round1, wrong_at):
         assert result.tokens == ref
         if len(ref) > 4:  # the second branch carries the right token where the first is wrong:
             assert sum(result.accepted) > 0  # misses are rescued, so drafts are accepted
+
+
+# --- the speedup model's replay of tree rounds ----------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("wrong_at", [(), (2,), (1, 4, 6), tuple(range(MAX_NEW))])
+def test_the_speedup_model_replays_tree_rounds_as_the_loop_runs_them(tiny, wrong_at, top_k):
+    """The model grows each round's tree from the drafter's recorded top-k at the path's
+    positions. A scripted drafter's candidates depend on the position only, so its branches
+    off the path are what the model assumes: rounds, nodes, accepted nodes and target forwards
+    must equal the loop's exactly (round 1 and later rounds, cross-modal drafter). The model
+    does not know which branch off the path is EOS (never expanded), so answers whose scripted
+    branches hold EOS are left out."""
+    from cross_modal_sd.decoding import DraftState
+    from cross_modal_sd.speedup import CostProfile, simulate
+
+    profile = CostProfile(10.0, 1.0, ((1, 1.5), (5, 3.5)), 2.0, 0.5, 0.1)
+    policy = DraftPolicy(gamma=3, tree=TreeShape(nodes=5, top_k=top_k))
+    config = SDConfig(policy, "draft_model", MAX_NEW, tiny.eos)
+    checked = 0
+    for inputs, ref in zip(tiny.inputs, tiny.reference, strict=True):
+        drafter = ScriptedDrafter(ref, tiny.limit, wrong_at=wrong_at, confidence=0.7)
+        rows = [drafter.candidates(DraftState(fed=list(ref[:i])), 4) for i in range(len(ref))]
+        if any(
+            t == tiny.eos for c, y in zip(rows, ref, strict=True) for t, _ in c[:top_k] if t != y
+        ):
+            continue
+        checked += 1
+        result = speculative_generate(tiny.target, drafter, inputs, None, config)
+        assert result.tokens == ref
+        rank = [
+            next((r for r, (t, _) in enumerate(c) if t == y), -1)
+            for c, y in zip(rows, ref, strict=True)
+        ]
+        top = [[p for _, p in c] for c in rows]
+        match = [r == 0 for r in rank]
+        out = simulate(profile, config, match, [0.7] * len(ref), None, rank, top)
+        assert out["rounds"] == result.rounds
+        assert out["drafted"] == sum(result.drafted)
+        assert out["accepted"] == sum(result.accepted)
+        assert out["first_drafted"] == result.drafted[0]
+        assert out["target_forwards"] == result.target_forwards
+    assert checked >= 3

@@ -463,11 +463,6 @@ def summarize_e2e(
         report["cost_ratios"] = cost_ratios(profile, base["total_ms"], setup.pair)
         lengths = [len(r["baselines"]["generate"]["tokens"]) for r in records]
         try:
-            if not setup.spec.sampling.greedy:
-                raise ValueError(
-                    "sampling: the export's validation scores greedy acceptance, not the "
-                    "acceptance of sampled answers"
-                )
             acceptance = Acceptance.from_export(setup.export, lengths)
         except ValueError as err:
             warnings.append(f"no predicted_speedup: {err}")
@@ -481,12 +476,17 @@ def summarize_e2e(
             unpriced = [
                 s.name
                 for s in strategies
-                if s.sd is not None and (s.sd.policy.tree or s.sd.fuse_round1)
+                if s.sd is not None
+                and (
+                    s.sd.fuse_round1
+                    or (s.sd.policy.tree and (s.sd.decode == "head" or not s.sd.sampling.greedy))
+                )
             ]
             if unpriced:
                 warnings.append(
-                    f"no predicted_speedup for {unpriced}: the speedup model prices chains of "
-                    f"drafts verified round by round, not trees or fused rounds"
+                    f"no predicted_speedup for {unpriced}: the speedup model prices chains, and "
+                    f"greedy trees of the cross-modal drafter; not a head's trees, sampled "
+                    f"trees or fused rounds"
                 )
             for s in strategies:
                 if s.kind != "sd" or s.name in unpriced:
@@ -494,7 +494,11 @@ def summarize_e2e(
                 acc = head_acceptance if s.sd.decode == "head" else acceptance
                 if acc is None:
                     continue
-                pred = predict(profile, acc, s.sd)
+                try:
+                    pred = predict(profile, acc, s.sd)
+                except ValueError as err:  # an export without what this strategy needs
+                    warnings.append(f"no predicted_speedup for {s.name}: {err}")
+                    continue
                 report["strategies"][s.name]["predicted_speedup"] = {
                     **pred["speedup"],
                     **{k: pred[k] for k in PREDICTED_KEYS},

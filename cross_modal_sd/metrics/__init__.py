@@ -10,8 +10,10 @@ from cross_modal_sd.metrics.functional import (
     draft_top1,
     leading_run,
     position_acceptance,
+    rank_of,
     token_accept_len,
     token_match,
+    top_logits,
     topk_hits,
 )
 from cross_modal_sd.metrics.modules import (
@@ -41,6 +43,8 @@ __all__ = [
     "cosine",
     "draft_tokens",
     "draft_top1",
+    "rank_of",
+    "top_logits",
     "topk_hits",
     "leading_run",
     "position_acceptance",

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cross_modal_sd.metrics.functional import rank_of, top_logits
+from cross_modal_sd.metrics.offline import TARGET_TOP
+
 
 @torch.inference_mode()
 def chain_runs(
@@ -22,7 +25,7 @@ def chain_runs(
     lm_head_weight: Tensor,
     vocab_limit: int | None = None,
     k: int = 8,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Accepted drafts of the head's self-fed chain of up to ``k`` drafts from every pair.
 
     Args:
@@ -35,13 +38,18 @@ def chain_runs(
         k: longest chain.
 
     Returns:
-        (B, T) int64: ``runs[b, L]`` is the leading run of drafts for ``y_{L+1} ..`` equal to the
-        answer; -1 where the answer has no token after ``L``.
+        ``runs`` and ``miss_rank``, (B, T) int64 each: ``runs[b, L]`` is the leading run of
+        drafts for ``y_{L+1} ..`` equal to the answer, -1 where the answer has no token after
+        ``L``; ``miss_rank[b, L]`` is where the chain's first wrong draft stands among the
+        target's `TARGET_TOP` largest logits there (-1: not among them, or no wrong draft
+        within ``k``), what sampling at T > 0 may still accept.
     """
     b, t, _ = h.shape
     lengths = mask.sum(dim=1)  # (B,)
     weight = lm_head_weight[:vocab_limit].to(h.device).float()  # (V', D)
     runs = torch.full((b, t), -1, dtype=torch.long, device=h.device)
+    miss_rank = torch.full((b, t), -1, dtype=torch.long, device=h.device)
+    _, target_ids = top_logits(h, lm_head_weight, TARGET_TOP, vocab_limit)  # (B, T, M)
     dtype = next(head.parameters()).dtype
     for start in range(t - 1):
         rows = (lengths > start + 1).nonzero().squeeze(1)  # answers with a token after `start`
@@ -56,14 +64,18 @@ def chain_runs(
                 break
             out = head(feats, None, toks)[:, -1]  # (R, D): the estimate of σ at start + j
             draft = (out.float() @ weight.T).argmax(dim=-1)  # (R,)
-            alive &= (pos < lengths[rows]) & (draft == tokens[rows, pos])
+            present = pos < lengths[rows]
+            missed = alive & present & (draft != tokens[rows, pos])
+            ranks = rank_of(target_ids[rows, pos][:, None], draft[:, None])[:, 0]
+            miss_rank[rows[missed], start] = ranks[missed]
+            alive &= present & (draft == tokens[rows, pos])
             run += alive
             if not alive.any():
                 break
             feats = torch.cat([feats, out[:, None]], dim=1)
             toks = torch.cat([toks, draft[:, None]], dim=1)
         runs[rows, start] = run
-    return runs
+    return runs, miss_rank
 
 
 @torch.inference_mode()
@@ -77,7 +89,7 @@ def chain_arrays(
     batch_size: int = 64,
 ) -> dict[str, Tensor]:
     """`chain_runs` of cache samples as an export stores them: ``runs`` (S, T) int16 (-1 past
-    each answer's end), ``lengths`` (S,) and ``k``."""
+    each answer's end), ``miss_rank`` (S, T) int8, ``lengths`` (S,) and ``k``."""
     from torch.utils.data import DataLoader
 
     from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
@@ -85,15 +97,18 @@ def chain_arrays(
     loader = DataLoader(
         HiddenPairDataset(cache, indices), batch_size=batch_size, collate_fn=collate_pairs
     )
-    rows, lengths = [], []
+    rows, misses, lengths = [], [], []
     for batch in loader:
-        runs = chain_runs(
+        runs, miss_rank = chain_runs(
             head, batch["h_target"], batch["tokens"], batch["mask"], lm_head_weight, vocab_limit, k
         )
         rows += list(runs)
+        misses += list(miss_rank)
         lengths += batch["mask"].sum(dim=1).tolist()
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), -1, dtype=torch.int16)
-    for i, r in enumerate(rows):
+    miss = torch.full((len(rows), width), -1, dtype=torch.int8)
+    for i, (r, m) in enumerate(zip(rows, misses, strict=True)):
         out[i, : len(r)] = r
-    return {"runs": out, "lengths": torch.tensor(lengths), "k": torch.tensor(k)}
+        miss[i, : len(m)] = m
+    return {"runs": out, "miss_rank": miss, "lengths": torch.tensor(lengths), "k": torch.tensor(k)}

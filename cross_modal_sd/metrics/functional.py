@@ -194,6 +194,27 @@ def topk_hits(
     return (top == tokens.unsqueeze(-1)).any(dim=-1)
 
 
+def top_logits(
+    states: Tensor, lm_head_weight: Tensor, m: int, vocab_limit: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The ``m`` largest logits of ``lm_head(states)`` over the allowed ids, best first, and
+    their ids: ``((B, T, m) float32, (B, T, m) int64)`` (fewer than ``m`` for a smaller
+    vocabulary). For the target's states, what the speedup model samples from at T > 0."""
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    weight = lm_head_weight if vocab_limit is None else lm_head_weight[:vocab_limit]
+    logits = states.float() @ weight.to(states.device).float().T  # (B, T, V')
+    values, ids = logits.topk(min(m, logits.shape[-1]), dim=-1)
+    return values, ids
+
+
+def rank_of(ids: Tensor, tokens: Tensor) -> Tensor:
+    """(B, T) int64: where each token stands in its row of ``ids`` (B, T, k): 0 for the first,
+    -1 where it is not among them."""
+    hit = ids == tokens.unsqueeze(-1)  # (B, T, k)
+    return torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), -1)
+
+
 def token_match(pred_tokens: Tensor, tokens: Tensor, mask: Tensor) -> float:
     """Share of valid positions where ``pred_tokens == tokens`` (NaN if no valid position).
 

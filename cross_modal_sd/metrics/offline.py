@@ -13,10 +13,20 @@ from torchmetrics import Metric
 
 from cross_modal_sd.data.cache import HiddenPairCache
 from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
-from cross_modal_sd.metrics.functional import cosine, draft_top1, leading_run, topk_hits
+from cross_modal_sd.metrics.functional import (
+    cosine,
+    draft_top1,
+    leading_run,
+    rank_of,
+    top_logits,
+    topk_hits,
+)
 from cross_modal_sd.metrics.modules import DEFAULT_TAUS, AlignmentMetrics
 
 TREE_TOP_K = (2, 4)  # tree widths of the offline `tree_accept_len_top<k>` metrics
+# The target's largest logits kept per position: at T > 0 the speedup model samples from them
+# (the rest of the vocabulary is dropped, exact for vocabularies this small or top_k <= this).
+TARGET_TOP = 32
 
 
 def previous_tokens(tokens: Tensor, prompt_last_token: int) -> Tensor:
@@ -57,8 +67,11 @@ def offline_metrics(
         ``{"metrics": scalars, "curves": lists}`` (scalars include ``tree_accept_len_top<k>``:
         the mean accepted length of a draft tree holding the top-k at every depth, see
         `functional.topk_hits`) and per-sample rows (``sample_id``, ``length``,
-        ``accepted_len``, ``token_match``, ``cos_sim``, and per position ``match`` and
-        ``confidence``: the teacher-forced acceptance sequences of the speedup model).
+        ``accepted_len``, ``token_match``, ``cos_sim``, and per position the teacher-forced
+        sequences of the speedup model: ``match``, ``confidence``, ``top_probs`` (the drafter's
+        largest ``max(TREE_TOP_K)`` probabilities), ``rank`` (the target's token among them,
+        -1: not), ``target_logits`` (the target's `TARGET_TOP` largest) and ``draft_rank``
+        (the draft among those, -1: not)).
     """
     if adapter.uses_tokens and prompt_last_token is None:
         raise ValueError(
@@ -85,6 +98,13 @@ def offline_metrics(
         metrics.update(pred, batch["h_target"], tokens, mask)
         drafts, confidence = draft_top1(pred, lm_head, vocab_limit)  # (B, T) each
         hits = drafts == tokens  # (B, T)
+        logits, ids = top_logits(pred, lm_head, max(TREE_TOP_K), vocab_limit)
+        probs = (
+            confidence.unsqueeze(-1) * (logits - logits[..., :1]).exp()
+        )  # p_r = p_0 e^(l_r - l_0)
+        rank = rank_of(ids, tokens)  # (B, T)
+        target, target_ids = top_logits(batch["h_target"], lm_head, TARGET_TOP, vocab_limit)
+        draft_rank = rank_of(target_ids, drafts)
         runs = leading_run(hits, mask)  # (B,)
         for k in TREE_TOP_K:
             top = topk_hits(pred, lm_head, tokens, k, vocab_limit)
@@ -102,6 +122,10 @@ def offline_metrics(
                     "cos_sim": float(cos[b, :n].mean()),
                     "match": hits[b, :n].tolist(),
                     "confidence": confidence[b, :n].tolist(),
+                    "top_probs": probs[b, :n].half().tolist(),
+                    "rank": rank[b, :n].tolist(),
+                    "target_logits": target[b, :n].half().tolist(),
+                    "draft_rank": draft_rank[b, :n].tolist(),
                 }
             )
     scalars = {k: float(v) for k, v in metrics.compute().items()}
@@ -112,13 +136,23 @@ def offline_metrics(
 
 
 def acceptance_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-    """The rows' ``match``/``confidence`` sequences as padded ``(S, L)`` tensors and ``(S,)``
-    lengths (what an export stores; `speedup.Acceptance.from_arrays` reads them)."""
+    """The rows' per-position sequences as padded ``(S, L)`` (``(S, L, k)``) tensors and
+    ``(S,)`` lengths (what an export stores; `speedup.Acceptance.from_arrays` reads them)."""
     lengths = torch.tensor([len(r["match"]) for r in rows], dtype=torch.long)
     width = int(lengths.max()) if len(rows) else 0
-    match = torch.zeros(len(rows), width, dtype=torch.bool)
-    confidence = torch.zeros(len(rows), width, dtype=torch.float16)
-    for i, r in enumerate(rows):
-        match[i, : len(r["match"])] = torch.tensor(r["match"], dtype=torch.bool)
-        confidence[i, : len(r["confidence"])] = torch.tensor(r["confidence"])
-    return {"match": match, "confidence": confidence, "lengths": lengths}
+    kinds = {
+        "match": torch.bool,
+        "confidence": torch.float16,
+        "top_probs": torch.float16,
+        "rank": torch.int8,
+        "target_logits": torch.float16,
+        "draft_rank": torch.int8,
+    }
+    out = {}
+    for key, dtype in kinds.items():
+        values = [torch.tensor(r[key], dtype=dtype) for r in rows]
+        shape = (len(rows), width, *(values[0].shape[1:] if values else ()))
+        out[key] = torch.full(shape, -1 if dtype == torch.int8 else 0, dtype=dtype)
+        for i, v in enumerate(values):
+            out[key][i, : len(v)] = v
+    return {**out, "lengths": lengths}

@@ -20,16 +20,29 @@ verification are exactly the teacher-forced ones; its drafts after the first fee
 outputs, so its acceptance is not a per-position match but a run per start: ``head_runs[i][L]``
 is the leading run of its self-fed chain from committed length ``L + 1`` (`metrics.chains`,
 recorded at export for the same validation samples: `with_head`).
+
+Exports made since trees and sampling also record, per position, the drafter's largest
+probabilities and where the target's token stands among them (``top``/``rank``: a draft tree's
+accepted path, `speedup.model`), and the target's largest logits with where the draft stands
+among them (``target_logits``/``draft_rank``; a head's ``miss_rank`` for its first wrong
+draft). `sampled` turns these into the acceptance of a sampled run (T > 0): with deterministic
+drafts the target accepts draft ``d`` with probability ``p(d)``, ``p`` its distribution under the
+run's temperature, top-k and top-p. Two approximations, stated where they are used: positions
+keep their teacher-forced distributions after a sampled token leaves the greedy answer, and
+the target's distribution is its `TARGET_TOP` largest logits (exact for vocabularies that
+small or ``top_k`` within it).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+from cross_modal_sd.decoding.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,14 @@ class Acceptance:
         head_runs: per sample, a feature head's accepted run from every committed length
             (entry ``L`` for length ``L + 1``; capped at ``head_k``), or None.
         head_k: the longest chain the runs were scored to.
+        top: per sample and position, the drafter's largest probabilities, best first (None:
+            not recorded; draft trees are then not priced).
+        rank: per sample and position, where the target's token stands in ``top`` (-1: not).
+        target_logits: per sample, (n, M) the target's largest logits at each position, best
+            first (None: not recorded; sampling is then not priced).
+        draft_rank: per sample and position, where the drafter's token stands among them.
+        head_miss_rank: per sample and start, where the head chain's first wrong draft stands
+            among them (-1: not, or no wrong draft).
     """
 
     match: tuple[tuple[bool, ...], ...]
@@ -51,6 +72,11 @@ class Acceptance:
     source: str = ""
     head_runs: tuple[tuple[int, ...], ...] | None = None
     head_k: int = 0
+    top: tuple[tuple[tuple[float, ...], ...], ...] | None = None
+    rank: tuple[tuple[int, ...], ...] | None = None
+    target_logits: tuple[torch.Tensor, ...] | None = field(default=None, compare=False)
+    draft_rank: tuple[tuple[int, ...], ...] | None = None
+    head_miss_rank: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
         if not self.match:
@@ -86,10 +112,17 @@ class Acceptance:
             tuple(int(r) for r in row[: n - 1])
             for row, n in zip(val["runs"].tolist(), lengths, strict=True)
         )
+        misses = None
+        if "miss_rank" in val:
+            misses = tuple(
+                tuple(int(r) for r in row[: n - 1])
+                for row, n in zip(val["miss_rank"].tolist(), lengths, strict=True)
+            )
         return replace(
             self,
             head_runs=runs,
             head_k=int(val["k"]),
+            head_miss_rank=misses,
             source=f"{self.source}; head chains of {where}",
         )
 
@@ -125,13 +158,28 @@ class Acceptance:
         confidence: torch.Tensor,
         lengths: torch.Tensor,
         source: str = "",
+        **more: torch.Tensor,
     ) -> Acceptance:
-        """From padded ``(S, L)`` match and confidence tensors and ``(S,)`` lengths."""
-        rows = [
-            (tuple(bool(v) for v in m[:n]), tuple(float(v) for v in c[:n]))
-            for m, c, n in zip(match.tolist(), confidence.tolist(), lengths.tolist(), strict=True)
-        ]
-        return cls(tuple(r[0] for r in rows), tuple(r[1] for r in rows), source)
+        """From padded ``(S, L)`` match and confidence tensors and ``(S,)`` lengths; ``more``:
+        the padded ``top`` (S, L, K), ``rank``, ``target_logits`` (S, L, M) and ``draft_rank``
+        where an export holds them (`metrics.offline.acceptance_arrays`)."""
+        n = lengths.tolist()
+
+        def rows(t: torch.Tensor, cast) -> tuple:
+            return tuple(
+                tuple(cast(v) for v in row[:k]) for row, k in zip(t.tolist(), n, strict=True)
+            )
+
+        extra: dict[str, Any] = {}
+        if "top_probs" in more and "rank" in more:
+            extra["top"] = rows(more["top_probs"], lambda v: tuple(float(x) for x in v))
+            extra["rank"] = rows(more["rank"], int)
+        if "target_logits" in more and "draft_rank" in more:
+            extra["target_logits"] = tuple(
+                t[:k].float() for t, k in zip(more["target_logits"], n, strict=True)
+            )
+            extra["draft_rank"] = rows(more["draft_rank"], int)
+        return cls(rows(match, bool), rows(confidence, float), source, **extra)
 
     @classmethod
     def from_export(
@@ -148,8 +196,9 @@ class Acceptance:
         if val and "runs" in val:
             raise ValueError(f"{where}: a feature head's export; pass it to `with_head`")
         if val:
+            more = {k: v for k, v in val.items() if k not in ("match", "confidence", "lengths")}
             return cls.from_arrays(
-                val["match"], val["confidence"], val["lengths"], f"val split of {where}"
+                val["match"], val["confidence"], val["lengths"], f"val split of {where}", **more
             )
         curves = getattr(export, "curves", None) or {}
         hist = curves.get("val/accepted_length_hist", curves.get("accepted_length_hist"))
@@ -221,6 +270,54 @@ class Acceptance:
             hist, lengths, repeats=repeats, source=source or f"mean run {accepted:g}"
         )
 
+    def sampled(self, sampling: Sampling, repeats: int = 20, seed: int = 0) -> Acceptance:
+        """The acceptance of runs sampled under ``sampling`` (see the module docstring):
+        every sample's match sequence (and head runs) drawn ``repeats`` times, seeded. A draft
+        at position i is accepted with probability ``p_i(d_i)``; a head chain's draft within its
+        greedy run with ``p`` of the target's token, and its first wrong draft with ``p`` of it
+        (its chain then ends).
+
+        Raises:
+            ValueError: greedy settings, or no target distributions recorded.
+        """
+        if sampling.greedy:
+            raise ValueError("sampled: temperature 0 is greedy; use the acceptance as it is")
+        if self.target_logits is None or self.draft_rank is None:
+            raise ValueError(
+                f"{self.source}: no target distributions (target_logits) recorded; re-export "
+                f"with `python train.py` to predict sampled runs"
+            )
+        if self.head_runs is not None and self.head_miss_rank is None:
+            raise ValueError(f"{self.source}: the head export has no miss_rank; re-export it")
+        warpers = sampling.warpers()
+        rng = random.Random(seed)
+        match, conf, runs = [], [], []
+        for i, logits in enumerate(self.target_logits):
+            p = warpers(None, logits.clone()).softmax(dim=-1).tolist()  # (n, M)
+            alpha = [_prob(p, pos, r) for pos, r in enumerate(self.draft_rank[i])]
+            for _ in range(repeats):
+                match.append(tuple(rng.random() < a for a in alpha))
+                conf.append(self.confidence[i])
+                if self.head_runs is None:
+                    continue
+                row = []
+                for start, run in enumerate(self.head_runs[i]):
+                    kept = 0
+                    while kept < run and rng.random() < p[start + 1 + kept][0]:
+                        kept += 1
+                    miss = self.head_miss_rank[i][start]
+                    if kept == run and rng.random() < _prob(p, start + 1 + run, miss):
+                        kept += 1
+                    row.append(kept)
+                runs.append(tuple(row))
+        return Acceptance(
+            tuple(match),
+            tuple(conf),
+            f"{self.source}; sampled {sampling.name} x{repeats}",
+            tuple(runs) if self.head_runs is not None else None,
+            self.head_k,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Summary for reports (the sequences themselves stay in the export)."""
         return {
@@ -229,6 +326,11 @@ class Acceptance:
             "mean_length": sum(self.lengths) / len(self.match),
             "first_run_mean": self.first_run_mean,
         }
+
+
+def _prob(p: Sequence[Sequence[float]], pos: int, rank: int) -> float:
+    """``p[pos][rank]``, 0 for a token not among them (``rank`` -1)."""
+    return p[pos][rank] if rank >= 0 else 0.0
 
 
 def _run(match: Sequence[bool], start: int, limit: int | None = None) -> int:

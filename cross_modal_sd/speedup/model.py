@@ -16,6 +16,12 @@ For one sample (its teacher-forced ``match``/``confidence`` sequences, `acceptan
   from the committed length (`Acceptance.head_runs`).
 * **Round 1 ``none``.** The target prefills alone; with no cross-modal drafter resident, every
   target cost is the baseline's cores' (`CostProfile.solo`).
+* **Trees** (cross-modal drafter, `_tree_round`): `trees.grow_tree` itself grows the round's
+  tree over the drafter's recorded top-k probabilities (`Acceptance.top`); the round accepts
+  the deepest node on the target's path (`Acceptance.rank`), costs one drafter step per
+  expanded node and a verify ``V(nodes)``. A branch off the target's path has no recorded
+  distribution of its own: it is taken to be the path's at the same depth.
+* **Sampling** (T > 0): the same replay over `Acceptance.sampled` sequences.
 
 A draft is accepted while the drafts before it were and its ``match`` holds. Nothing is fitted:
 costs come from probes (`cross_modal_sd.speedup.measure`), acceptance from a validation split.
@@ -29,6 +35,7 @@ from typing import Any
 
 from cross_modal_sd.decoding.drafters import DraftPolicy
 from cross_modal_sd.decoding.speculative import SDConfig
+from cross_modal_sd.decoding.trees import TreeShape, grow_tree
 from cross_modal_sd.speedup.acceptance import Acceptance, _run
 from cross_modal_sd.speedup.costs import CostProfile
 
@@ -76,6 +83,60 @@ def _drafts(
     return kept, False
 
 
+def _tree_round(
+    policy: DraftPolicy,
+    first_round: bool,
+    start: int,
+    limit: int,
+    rank: Sequence[int],
+    top: Sequence[Sequence[float]],
+    ends_with_eos: bool,
+    fit: int,
+) -> tuple[int, int, int, int]:
+    """One tree round from position ``start``, as `drafters.propose` grows it: ``(nodes,
+    expanded nodes, accepted depth, nodes below the accepted first node)``.
+
+    A node is labelled by its rank among its parent's candidates; it is on the target's path
+    when its parent is and its label is the target token's rank there. The answer's EOS is not
+    expanded; a branch past the answer's end takes its last position's distribution; a
+    ``prefill`` round 1 stops once ``fit``
+    nodes have been expanded (the drafter's steps by the end of the target's prefill)."""
+    n = len(rank)
+    shape = policy.tree
+    waits = policy.waits_for_target(first_round)
+    if waits:
+        shape = TreeShape(max(shape.nodes, policy.max_drafts), shape.top_k)
+    depth: list[int] = []
+    on_path: list[bool] = []
+    expanded = 0
+
+    def label(tree) -> None:  # depth and path of the nodes added since the last call
+        for i in range(len(depth), len(tree)):
+            parent = tree.parents[i]
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+            pos = start + depth[i] - 1
+            ok = pos < n and (parent < 0 or on_path[parent])
+            on_path.append(ok and tree.tokens[i] == rank[pos])
+
+    def expand(tree, node: int) -> list[tuple[int, float]]:
+        nonlocal expanded
+        label(tree)
+        d = 0 if node < 0 else depth[node]
+        if node >= 0 and on_path[node] and ends_with_eos and start + d == n:
+            return []  # the answer's EOS is never expanded
+        expanded += 1
+        return list(enumerate(top[min(start + d, n - 1)]))
+
+    depth_cap = min(limit, policy.round_cap(first_round))
+    stop = (lambda: expanded >= fit) if waits else (lambda: False)
+    tree = grow_tree(expand, shape, depth_cap, stop=stop)
+    label(tree)
+    accepted = max((d for d, ok in zip(depth, on_path, strict=True) if ok), default=0)
+    first = next((i for i in range(len(tree)) if depth[i] == 1 and on_path[i]), None)
+    below = 0 if first is None else len(tree.subtree(first))
+    return len(tree), expanded, accepted, below
+
+
 def _head_drafts(policy: DraftPolicy, run: int, length: int, limit: int, n: int, eos: bool) -> int:
     """Drafts of one head round at committed ``length`` whose chain runs ``run`` (it stops
     after proposing the answer's EOS)."""
@@ -91,11 +152,14 @@ def simulate(
     match: Sequence[bool],
     confidence: Sequence[float],
     head_runs: Sequence[int] | None = None,
+    rank: Sequence[int] | None = None,
+    top: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """The predicted quantities (`QUANTITIES`) of one sample; see the module docstring.
 
     Raises:
-        ValueError: an answer longer than the cap, or ``decode="head"`` without ``head_runs``.
+        ValueError: an answer longer than the cap, ``decode="head"`` without ``head_runs``, a
+            tree policy without ``rank`` and ``top``, or a head drafting trees (not priced).
     """
     policy = config.policy
     p = profile.solo() if config.round1 == "none" and config.decode == "head" else profile
@@ -106,6 +170,11 @@ def simulate(
         raise ValueError(
             f"{config.name}: decode='head' needs the head's runs (Acceptance.with_head)"
         )
+    tree = policy.tree is not None
+    if tree and (rank is None or top is None):
+        raise ValueError(f"{config.name}: a tree policy needs the drafter's top-k (rank, top)")
+    if tree and config.decode == "head":
+        raise ValueError(f"{config.name}: a head's draft trees are not priced")
     eos = n < cap
     out = dict.fromkeys(QUANTITIES, 0.0)
     fit = p.prefill_drafts()
@@ -117,12 +186,12 @@ def simulate(
     skipped = config.round1 == "none" or (
         not config.wait_for_drafter and (p.drafter_late() or fit == 0)
     )
-    g, stopped = (
-        (0, False)
-        if cap < 2 or skipped
-        else _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
-    )
-    drafting = p.drafting_ms(g, stopped)
+    g, stopped, expanded, depth, below = 0, False, 0, 0, 0
+    if cap >= 2 and not skipped and tree:
+        g, expanded, depth, below = _tree_round(policy, True, 0, cap - 1, rank, top, eos, fit)
+    elif cap >= 2 and not skipped:
+        g, stopped = _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
+    drafting = p.drafting_ms(expanded, False) if tree else p.drafting_ms(g, stopped)
     if g and takes:  # the target's prefill beside the job, then the board read: no wait
         round1 = p.round1_prefill_ms * p.target_contention
     elif g:
@@ -131,11 +200,12 @@ def simulate(
         round1 = p.round1_prefill_ms * p.target_contention
     else:
         round1 = p.target_prefill_ms
-    accepted = int(g > 0 and match[0])
+    accepted = int(depth > 0) if tree else int(g > 0 and match[0])
+    rest = below if tree else g - 1  # drafts the second forward verifies
     length, forwards, verify = 1, 1, 0.0
-    if accepted and g > 1 and n > 1:
-        more = _run(match, 1, g - 1)
-        verify = p.verify_ms(g - 1)
+    if accepted and rest > 0 and n > 1:
+        more = depth - 1 if tree else _run(match, 1, g - 1)
+        verify = p.verify_ms(rest)
         accepted += more
         forwards += 1
         length = min(1 + more + 1, n)
@@ -160,6 +230,11 @@ def simulate(
             if config.decode == "head":
                 g = _head_drafts(policy, head_runs[length - 1], length, cap - length - 1, n, eos)
                 drafting = p.head_drafting_ms(g)
+            elif tree:
+                g, expanded, a, _ = _tree_round(
+                    policy, False, length, cap - length - 1, rank, top, eos, fit
+                )
+                drafting = p.round_trip_ms + p.draft_token_ms + p.drafting_ms(expanded)
             else:
                 g, stopped = _drafts(
                     policy, False, length, cap - length - 1, match, confidence, eos, fit
@@ -172,7 +247,7 @@ def simulate(
         out["verify_ms"] += step
         if config.decode == "head":
             a = min(head_runs[length - 1], g)
-        else:
+        elif not (tree and g):
             a = _run(match, length, g)
         out["rounds"] += 1
         out["drafted"] += g
@@ -190,9 +265,12 @@ def predict(
 ) -> dict[str, Any]:
     """Predicted mean quantities and speedup of one SD configuration over `acceptance`'s samples.
 
+    At T > 0 (``config.sampling``) the replay runs over `Acceptance.sampled` sequences.
+
     Raises:
         ValueError: a head configuration drafting more per round than its chains were scored to
-            (or without them).
+            (or without them); a tree without the drafter's top-k, or sampled; sampling without
+            the target's distributions.
 
     Returns:
         ``method``; ``speedup`` (``ratio_of_means``: mean baseline over mean SD time;
@@ -202,6 +280,15 @@ def predict(
     """
     if not isinstance(config, SDConfig):
         config = SDConfig.from_dict(config)
+    if config.policy.tree is not None and not config.sampling.greedy:
+        raise ValueError(f"{config.name}: sampled draft trees are not priced")
+    if config.policy.tree is not None and acceptance.top is None:
+        raise ValueError(
+            f"{acceptance.source}: no drafter top-k recorded (top, rank); re-export with "
+            f"`python train.py` to price draft trees"
+        )
+    if not config.sampling.greedy:
+        acceptance = acceptance.sampled(config.sampling)
     longest = max(acceptance.lengths)
     if longest > config.max_new_tokens:
         config = SDConfig.from_dict({**config.to_dict(), "max_new_tokens": longest})
@@ -214,10 +301,17 @@ def predict(
                 f"{config.name}: {drafts} drafts a round, but the head's chains were scored to "
                 f"{acceptance.head_k}; lower head_gamma or re-export with longer chains"
             )
-    runs = acceptance.head_runs or [None] * len(acceptance.match)
+    none = [None] * len(acceptance.match)
     rows = []
-    for match, conf, head in zip(acceptance.match, acceptance.confidence, runs, strict=True):
-        row = simulate(profile, config, match, conf, head)
+    for match, conf, head, rank, top in zip(
+        acceptance.match,
+        acceptance.confidence,
+        acceptance.head_runs or none,
+        acceptance.rank or none,
+        acceptance.top or none,
+        strict=True,
+    ):
+        row = simulate(profile, config, match, conf, head, rank, top)
         rows.append({"n_tokens": len(match), "baseline_ms": profile.baseline_ms(len(match)), **row})
     means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     return {

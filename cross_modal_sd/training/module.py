@@ -182,7 +182,7 @@ class AdapterModule(L.LightningModule):
         self.val_loss.update(terms, mask)
         self.val_metrics.update(heads["align"], target, tokens, mask)
         if self.val_chain is not None:
-            runs = chain_runs(
+            runs, _ = chain_runs(
                 self.adapter,
                 batch["h_target"],
                 batch["tokens"],
