@@ -99,14 +99,27 @@ def test_chain_runs_by_hand():
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     # The target's logits everywhere: token 1 first, then 0, 2, 3 (4 and 5 read nothing: 0).
     h = torch.tensor([0.5, 1.0, 0.25, 0.1]).expand(2, 6, 4)
-    runs, miss_rank = chain_runs(Constant(weight[c]), h, tokens, mask, weight, k=3)
+    scored = chain_runs(Constant(weight[c]), h, tokens, mask, weight, k=3)
+    runs, miss_rank = scored["runs"], scored["miss_rank"]
     # runs[b, L]: drafts for y_{L+1}.. (k = 3 at most); -1 where the answer ends at L.
     assert runs.tolist() == [[2, 1, 0, 2, 1, -1], [3, 2, 1, -1, -1, -1]]
     # The first wrong draft (always 2) stands third among the target's logits; chains without
     # a miss within k (or no token after L) have -1.
     assert miss_rank.tolist() == [[2, 2, 2, -1, -1, -1], [-1, -1, -1, -1, -1, -1]]
-    limited, _ = chain_runs(Constant(weight[c]), h, tokens, mask, weight, 2, 3)
+    limited = chain_runs(Constant(weight[c]), h, tokens, mask, weight, 2, 3)["runs"]
     assert limited.tolist() == [[0, 0, 0, 0, 0, -1], [0, 0, 0, -1, -1, -1]]  # c=2 never drafted
+    # Trees: a head whose logits rank 2, 3, 1 first (1.0, 0.3, 0.2); the answer's token at each
+    # depth of the chain from every start, fed the answer's tokens, stands at these ranks.
+    state = torch.tensor([0.1, 0.2, 1.0, 0.3])
+    trees = chain_runs(Constant(state), h, tokens, mask, weight, k=3, tree_k=3)
+    assert torch.equal(trees["runs"], runs)  # drafts 2 as before
+    none = [-1, -1, -1]
+    assert trees["tree_rank"].tolist() == [
+        [[0, 0, 2], [0, 2, 0], [2, 0, 0], [0, 0, -1], [0, -1, -1], none],
+        [[0, 0, 0], [0, 0, -1], [0, -1, -1], none, none, none],
+    ]
+    best = (state @ weight.T).softmax(dim=-1).topk(3).values
+    assert torch.allclose(trees["tree_top"][0, 0], best.expand(3, 3))
 
 
 # --- in the SD loop -------------------------------------------------------------------------
@@ -299,7 +312,7 @@ def test_chain_runs_predict_head_rounds(world, trained_head):
             weight,
             world.limit,
             k=gamma,
-        )[0][0]
+        )["runs"][0]
         result = speculative_generate(world.target, None, *world.inputs(i), config, head=head)
         length = 1
         for drafted, accepted, committed in zip(

@@ -418,6 +418,31 @@ def test_acceptance_takes_a_heads_runs_from_its_export():
     config = SDConfig(DraftPolicy(gamma="prefill", decode_gamma=9), "head", 8, None, "none")
     with pytest.raises(ValueError, match="scored to 8; lower head_gamma"):
         predict(_toy_profile(head_token_ms=0.1), both, config)
+    # Tree scores: (S, T, k = 2, K = 2); depths never scored (zeros) are dropped, per start.
+    top = torch.zeros(2, 3, 2, 2, dtype=torch.float16)
+    top[0, 0] = torch.tensor([[0.5, 0.25], [0.75, 0.125]])
+    top[0, 1, 0] = torch.tensor([0.5, 0.5])
+    rank = torch.tensor([[[0, 1], [1, -1], [-1, -1]], [[-1, -1]] * 3], dtype=torch.int8)
+    misses = torch.tensor([[-1, 3, -1], [-1, -1, -1]], dtype=torch.int8)
+    trees = Export({**head.val_acceptance, "tree_top": top, "tree_rank": rank, "miss_rank": misses})
+    with_trees = acc.with_head(trees)
+    assert with_trees.head_top == ((((0.5, 0.25), (0.75, 0.125)), ((0.5, 0.5),)), ())
+    assert with_trees.head_rank == (((0, 1), (1,)), ())
+    assert with_trees.head_miss_rank == ((-1, 3), ())
+
+    def tree(nodes: int) -> SDConfig:
+        return SDConfig(DraftPolicy(gamma=2, tree=TreeShape(nodes, 2)), "head", 8, None, "none")
+
+    with pytest.raises(ValueError, match="no head top-k recorded"):
+        predict(_toy_profile(head_token_ms=0.1), both, tree(5))
+    # Sample 0 (3 tokens, EOS), one head round from length 1. Path scores: depth 1 r0 0.5, r1
+    # 0.25; under r0: r0 0.375, r1 0.0625; under r1: 0.1875, 0.03125. The answer's path is r0
+    # then r1 (0.0625): a budget of 5 nodes reaches it (2 accepted), 4 do not (1 accepted).
+    for nodes, accepted in ((5, 2), (4, 1)):
+        out = predict(_toy_profile(head_token_ms=0.1), with_trees, tree(nodes))
+        assert out["rounds"] == pytest.approx((2 + 1) / 2)  # round 1, then one head round
+        assert out["drafted"] == pytest.approx(nodes / 2)  # sample 1 (1 token) drafts nothing
+        assert out["accepted"] == pytest.approx(accepted / 2)
 
 
 @pytest.fixture(scope="module")

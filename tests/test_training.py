@@ -605,7 +605,7 @@ def test_head_export_holds_its_chains_and_target(head_cache, trained_head):
     assert export.lm_head_digest == tensor_digest(cache.lm_head_weight())
     val = split_indices(cache.groups, VAL_FRACTION, 0)["val"]
     batch = collate_pairs(cache.get_many(val.tolist()))
-    runs, miss_rank = chain_runs(
+    scored = chain_runs(
         export.adapter.eval(),
         batch["h_target"],
         batch["tokens"],
@@ -613,11 +613,15 @@ def test_head_export_holds_its_chains_and_target(head_cache, trained_head):
         cache.lm_head_weight(),
         HEAD_VOCAB,
         k=8,
+        tree_k=4,
     )
-    stored = export.val_acceptance["runs"]
-    assert torch.equal(stored[:, : runs.shape[1]].long(), runs)
-    misses = export.val_acceptance["miss_rank"]
-    assert torch.equal(misses[:, : runs.shape[1]].long(), miss_rank)
+    runs = scored["runs"]
+    val = export.val_acceptance
+    assert torch.equal(val["runs"][:, : runs.shape[1]].long(), runs)
+    for key in ("miss_rank", "tree_rank"):
+        assert torch.equal(val[key][:, : runs.shape[1]].long(), scored[key]), key
+    top = val["tree_top"][:, : runs.shape[1]].float()
+    assert torch.allclose(top, scored["tree_top"], atol=1e-3)
     assert export.val_acceptance["lengths"].tolist() == batch["mask"].sum(1).tolist()
     # The logged chain metric is the mean of these runs.
     mean_run = runs[runs >= 0].float().mean().item()

@@ -216,39 +216,47 @@ def test_tree_sd_equals_greedy_with_scripted_drafters(tiny, round1, wrong_at):
 # --- the speedup model's replay of tree rounds ----------------------------------------------
 
 
+@pytest.mark.parametrize("decode", ["draft_model", "head"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("wrong_at", [(), (2,), (1, 4, 6), tuple(range(MAX_NEW))])
-def test_the_speedup_model_replays_tree_rounds_as_the_loop_runs_them(tiny, wrong_at, top_k):
-    """The model grows each round's tree from the drafter's recorded top-k at the path's
-    positions. A scripted drafter's candidates depend on the position only, so its branches
-    off the path are what the model assumes: rounds, nodes, accepted nodes and target forwards
-    must equal the loop's exactly (round 1 and later rounds, cross-modal drafter). The model
-    does not know which branch off the path is EOS (never expanded), so answers whose scripted
-    branches hold EOS are left out."""
+def test_the_speedup_model_replays_tree_rounds_as_the_loop_runs_them(tiny, wrong_at, top_k, decode):
+    """The model grows each round's tree from the drafter's recorded top-k on the answer's
+    path (the cross-modal drafter's by position, a head's by depth from the committed length).
+    Scripted drafters' candidates depend on the position only, so their branches off the path
+    are what the model assumes: rounds, nodes, accepted nodes and target forwards must equal
+    the loop's exactly. The model does not know which branch off the path is EOS (never
+    expanded), so answers whose scripted branches hold EOS are left out."""
     from cross_modal_sd.decoding import DraftState
     from cross_modal_sd.speedup import CostProfile, simulate
 
-    profile = CostProfile(10.0, 1.0, ((1, 1.5), (5, 3.5)), 2.0, 0.5, 0.1)
+    profile = CostProfile(10.0, 1.0, ((1, 1.5), (5, 3.5)), 2.0, 0.5, 0.1, head_token_ms=0.1)
     policy = DraftPolicy(gamma=3, tree=TreeShape(nodes=5, top_k=top_k))
-    config = SDConfig(policy, "draft_model", MAX_NEW, tiny.eos)
+    config = SDConfig(policy, decode, MAX_NEW, tiny.eos)
     checked = 0
     for inputs, ref in zip(tiny.inputs, tiny.reference, strict=True):
         drafter = ScriptedDrafter(ref, tiny.limit, wrong_at=wrong_at, confidence=0.7)
+        head = ScriptedHead(ref, tiny.limit, wrong_at=wrong_at, confidence=0.7)
         rows = [drafter.candidates(DraftState(fed=list(ref[:i])), 4) for i in range(len(ref))]
         if any(
             t == tiny.eos for c, y in zip(rows, ref, strict=True) for t, _ in c[:top_k] if t != y
         ):
             continue
         checked += 1
-        result = speculative_generate(tiny.target, drafter, inputs, None, config)
+        result = speculative_generate(tiny.target, drafter, inputs, None, config, head=head)
         assert result.tokens == ref
         rank = [
             next((r for r, (t, _) in enumerate(c) if t == y), -1)
             for c, y in zip(rows, ref, strict=True)
         ]
         top = [[p for _, p in c] for c in rows]
+        n = len(ref)
+        runs = [
+            next((j for j in range(n - s - 1) if rank[s + 1 + j] != 0), n - s - 1)
+            for s in range(n - 1)
+        ]
+        by_depth = [rank[s + 1 :] for s in range(n - 1)], [top[s + 1 :] for s in range(n - 1)]
         match = [r == 0 for r in rank]
-        out = simulate(profile, config, match, [0.7] * len(ref), None, rank, top)
+        out = simulate(profile, config, match, [0.7] * n, runs, rank, top, *by_depth)
         assert out["rounds"] == result.rounds
         assert out["drafted"] == sum(result.drafted)
         assert out["accepted"] == sum(result.accepted)

@@ -477,16 +477,12 @@ def summarize_e2e(
                 s.name
                 for s in strategies
                 if s.sd is not None
-                and (
-                    s.sd.fuse_round1
-                    or (s.sd.policy.tree and (s.sd.decode == "head" or not s.sd.sampling.greedy))
-                )
+                and (s.sd.fuse_round1 or (s.sd.policy.tree and not s.sd.sampling.greedy))
             ]
             if unpriced:
                 warnings.append(
-                    f"no predicted_speedup for {unpriced}: the speedup model prices chains, and "
-                    f"greedy trees of the cross-modal drafter; not a head's trees, sampled "
-                    f"trees or fused rounds"
+                    f"no predicted_speedup for {unpriced}: the speedup model prices chains and "
+                    f"greedy trees, not sampled trees or fused rounds"
                 )
             for s in strategies:
                 if s.kind != "sd" or s.name in unpriced:

@@ -25,7 +25,8 @@ def chain_runs(
     lm_head_weight: Tensor,
     vocab_limit: int | None = None,
     k: int = 8,
-) -> tuple[Tensor, Tensor]:
+    tree_k: int = 0,
+) -> dict[str, Tensor]:
     """Accepted drafts of the head's self-fed chain of up to ``k`` drafts from every pair.
 
     Args:
@@ -36,19 +37,26 @@ def chain_runs(
         lm_head_weight: (V, D) the target's ``lm_head``.
         vocab_limit: ids at or above it are never drafted.
         k: longest chain.
+        tree_k: > 0: also score the head's draft trees: its top ``tree_k`` at every depth of
+            the chain that reads the answer's tokens and its own estimates (a tree's path of
+            right tokens), for as long as the answer's token is among them.
 
     Returns:
         ``runs`` and ``miss_rank``, (B, T) int64 each: ``runs[b, L]`` is the leading run of
         drafts for ``y_{L+1} ..`` equal to the answer, -1 where the answer has no token after
         ``L``; ``miss_rank[b, L]`` is where the chain's first wrong draft stands among the
         target's `TARGET_TOP` largest logits there (-1: not among them, or no wrong draft
-        within ``k``), what sampling at T > 0 may still accept.
+        within ``k``), what sampling at T > 0 may still accept. With ``tree_k``: ``tree_top``
+        (B, T, k, tree_k) the head's largest probabilities at depth j of the chain from ``L``
+        and ``tree_rank`` (B, T, k) the answer's token among them (-1: not, or past the end).
     """
     b, t, _ = h.shape
     lengths = mask.sum(dim=1)  # (B,)
     weight = lm_head_weight[:vocab_limit].to(h.device).float()  # (V', D)
     runs = torch.full((b, t), -1, dtype=torch.long, device=h.device)
     miss_rank = torch.full((b, t), -1, dtype=torch.long, device=h.device)
+    tree_top = torch.zeros((b, t, k, tree_k), device=h.device)
+    tree_rank = torch.full((b, t, k), -1, dtype=torch.long, device=h.device)
     _, target_ids = top_logits(h, lm_head_weight, TARGET_TOP, vocab_limit)  # (B, T, M)
     dtype = next(head.parameters()).dtype
     for start in range(t - 1):
@@ -58,24 +66,37 @@ def chain_runs(
         feats, toks = h[rows, : start + 1].to(dtype), tokens[rows, : start + 1]
         run = torch.zeros(rows.numel(), dtype=torch.long, device=h.device)
         alive = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
+        in_tree = torch.full_like(alive, tree_k > 0)  # the answer's path is still in the tree
         for j in range(k):
             pos = start + 1 + j
             if pos >= t:
                 break
             out = head(feats, None, toks)[:, -1]  # (R, D): the estimate of σ at start + j
-            draft = (out.float() @ weight.T).argmax(dim=-1)  # (R,)
+            logits = out.float() @ weight.T  # (R, V')
+            draft = logits.argmax(dim=-1)  # (R,)
             present = pos < lengths[rows]
-            missed = alive & present & (draft != tokens[rows, pos])
+            right = tokens[rows, pos]
+            missed = alive & present & (draft != right)
             ranks = rank_of(target_ids[rows, pos][:, None], draft[:, None])[:, 0]
             miss_rank[rows[missed], start] = ranks[missed]
-            alive &= present & (draft == tokens[rows, pos])
+            alive &= present & (draft == right)
             run += alive
-            if not alive.any():
+            if tree_k:
+                best = logits.softmax(dim=-1).topk(min(tree_k, logits.shape[-1]), dim=-1)
+                tree_top[rows, start, j, : best.values.shape[-1]] = best.values
+                rank = rank_of(best.indices[:, None], right[:, None])[:, 0]
+                tree_rank[rows, start, j] = torch.where(in_tree & present, rank, -1)
+                in_tree &= present & (rank >= 0)
+            if not (alive | in_tree).any():
                 break
+            # The answer's token: the draft while the chain is right, a tree's right branch after.
             feats = torch.cat([feats, out[:, None]], dim=1)
-            toks = torch.cat([toks, draft[:, None]], dim=1)
+            toks = torch.cat([toks, torch.where(present, right, draft)[:, None]], dim=1)
         runs[rows, start] = run
-    return runs, miss_rank
+    out = {"runs": runs, "miss_rank": miss_rank}
+    if tree_k:
+        out |= {"tree_top": tree_top, "tree_rank": tree_rank}
+    return out
 
 
 @torch.inference_mode()
@@ -87,9 +108,11 @@ def chain_arrays(
     vocab_limit: int | None = None,
     k: int = 8,
     batch_size: int = 64,
+    tree_k: int = 0,
 ) -> dict[str, Tensor]:
     """`chain_runs` of cache samples as an export stores them: ``runs`` (S, T) int16 (-1 past
-    each answer's end), ``miss_rank`` (S, T) int8, ``lengths`` (S,) and ``k``."""
+    each answer's end), ``miss_rank`` (S, T) int8, with ``tree_k`` ``tree_top`` (S, T, k,
+    tree_k) float16 and ``tree_rank`` (S, T, k) int8; ``lengths`` (S,) and ``k``."""
     from torch.utils.data import DataLoader
 
     from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
@@ -97,18 +120,29 @@ def chain_arrays(
     loader = DataLoader(
         HiddenPairDataset(cache, indices), batch_size=batch_size, collate_fn=collate_pairs
     )
-    rows, misses, lengths = [], [], []
+    parts: dict[str, list[Tensor]] = {}
+    lengths: list[int] = []
     for batch in loader:
-        runs, miss_rank = chain_runs(
-            head, batch["h_target"], batch["tokens"], batch["mask"], lm_head_weight, vocab_limit, k
+        scored = chain_runs(
+            head,
+            batch["h_target"],
+            batch["tokens"],
+            batch["mask"],
+            lm_head_weight,
+            vocab_limit,
+            k,
+            tree_k,
         )
-        rows += list(runs)
-        misses += list(miss_rank)
+        for key, value in scored.items():
+            parts.setdefault(key, []).extend(value)
         lengths += batch["mask"].sum(dim=1).tolist()
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), -1, dtype=torch.int16)
-    miss = torch.full((len(rows), width), -1, dtype=torch.int8)
-    for i, (r, m) in enumerate(zip(rows, misses, strict=True)):
-        out[i, : len(r)] = r
-        miss[i, : len(m)] = m
-    return {"runs": out, "miss_rank": miss, "lengths": torch.tensor(lengths), "k": torch.tensor(k)}
+    kinds = {"runs": torch.int16, "miss_rank": torch.int8, "tree_rank": torch.int8}
+    out: dict[str, Tensor] = {}
+    width = max((len(r) for r in parts.get("runs", [])), default=0)
+    for key, rows in parts.items():
+        dtype = kinds.get(key, torch.float16)
+        fill = 0 if dtype == torch.float16 else -1
+        out[key] = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=dtype)
+        for i, r in enumerate(rows):
+            out[key][i, : len(r)] = r
+    return {**out, "lengths": torch.tensor(lengths), "k": torch.tensor(k)}

@@ -65,6 +65,9 @@ class Acceptance:
         draft_rank: per sample and position, where the drafter's token stands among them.
         head_miss_rank: per sample and start, where the head chain's first wrong draft stands
             among them (-1: not, or no wrong draft).
+        head_top / head_rank: per sample, start and depth, a head's largest probabilities on
+            the chain that reads the answer, and where the answer's token stands among them
+            (its draft trees; depths never scored have no entry).
     """
 
     match: tuple[tuple[bool, ...], ...]
@@ -77,6 +80,8 @@ class Acceptance:
     target_logits: tuple[torch.Tensor, ...] | None = field(default=None, compare=False)
     draft_rank: tuple[tuple[int, ...], ...] | None = None
     head_miss_rank: tuple[tuple[int, ...], ...] | None = None
+    head_top: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...] | None = None
+    head_rank: tuple[tuple[tuple[int, ...], ...], ...] | None = None
 
     def __post_init__(self):
         if not self.match:
@@ -118,11 +123,31 @@ class Acceptance:
                 tuple(int(r) for r in row[: n - 1])
                 for row, n in zip(val["miss_rank"].tolist(), lengths, strict=True)
             )
+        trees: dict[str, Any] = {}
+        if "tree_top" in val and "tree_rank" in val:
+            tops, ranks = [], []
+            for top, rank, n in zip(val["tree_top"], val["tree_rank"], lengths, strict=True):
+                scored = top[: n - 1].float().sum(dim=-1) > 0  # (n - 1, k): depths scored
+                depths = scored.int().cumprod(dim=1).sum(dim=1).tolist()  # leading ones
+                tops.append(
+                    tuple(
+                        tuple(tuple(p) for p in row[:d])
+                        for row, d in zip(top[: n - 1].float().tolist(), depths, strict=True)
+                    )
+                )
+                ranks.append(
+                    tuple(
+                        tuple(row[:d])
+                        for row, d in zip(rank[: n - 1].tolist(), depths, strict=True)
+                    )
+                )
+            trees = {"head_top": tuple(tops), "head_rank": tuple(ranks)}
         return replace(
             self,
             head_runs=runs,
             head_k=int(val["k"]),
             head_miss_rank=misses,
+            **trees,
             source=f"{self.source}; head chains of {where}",
         )
 

@@ -16,10 +16,11 @@ For one sample (its teacher-forced ``match``/``confidence`` sequences, `acceptan
   from the committed length (`Acceptance.head_runs`).
 * **Round 1 ``none``.** The target prefills alone; with no cross-modal drafter resident, every
   target cost is the baseline's cores' (`CostProfile.solo`).
-* **Trees** (cross-modal drafter, `_tree_round`): `trees.grow_tree` itself grows the round's
-  tree over the drafter's recorded top-k probabilities (`Acceptance.top`); the round accepts
-  the deepest node on the target's path (`Acceptance.rank`), costs one drafter step per
-  expanded node and a verify ``V(nodes)``. A branch off the target's path has no recorded
+* **Trees** (`_tree_round`): `trees.grow_tree` itself grows the round's tree over the
+  drafter's recorded top-k probabilities (`Acceptance.top` by position; a head's
+  `Acceptance.head_top` by depth from the committed length); the round accepts the deepest
+  node on the target's path (`rank`), costs one drafter step per expanded node (a head step
+  for a head) and a verify ``V(nodes)``. A branch off the target's path has no recorded
   distribution of its own: it is taken to be the path's at the same depth.
 * **Sampling** (T > 0): the same replay over `Acceptance.sampled` sequences.
 
@@ -154,6 +155,8 @@ def simulate(
     head_runs: Sequence[int] | None = None,
     rank: Sequence[int] | None = None,
     top: Sequence[Sequence[float]] | None = None,
+    head_rank: Sequence[Sequence[int]] | None = None,
+    head_top: Sequence[Sequence[Sequence[float]]] | None = None,
 ) -> dict[str, float]:
     """The predicted quantities (`QUANTITIES`) of one sample; see the module docstring.
 
@@ -171,10 +174,10 @@ def simulate(
             f"{config.name}: decode='head' needs the head's runs (Acceptance.with_head)"
         )
     tree = policy.tree is not None
-    if tree and (rank is None or top is None):
+    if tree and config.round1 == "cross_modal" and (rank is None or top is None):
         raise ValueError(f"{config.name}: a tree policy needs the drafter's top-k (rank, top)")
-    if tree and config.decode == "head":
-        raise ValueError(f"{config.name}: a head's draft trees are not priced")
+    if tree and config.decode == "head" and (head_rank is None or head_top is None):
+        raise ValueError(f"{config.name}: a head's trees need its top-k (head_rank, head_top)")
     eos = n < cap
     out = dict.fromkeys(QUANTITIES, 0.0)
     fit = p.prefill_drafts()
@@ -227,7 +230,20 @@ def simulate(
             break
         g, stopped = 0, False
         if cap - length > 1:
-            if config.decode == "head":
+            if config.decode == "head" and tree:  # the chain's depths are the positions
+                depths = head_rank[length - 1]
+                g, expanded, a, _ = _tree_round(
+                    policy,
+                    False,
+                    0,
+                    cap - length - 1,
+                    depths,
+                    head_top[length - 1] or [[1.0]],
+                    eos and len(depths) == n - length,
+                    fit,
+                )
+                drafting = p.head_drafting_ms(expanded)
+            elif config.decode == "head":
                 g = _head_drafts(policy, head_runs[length - 1], length, cap - length - 1, n, eos)
                 drafting = p.head_drafting_ms(g)
             elif tree:
@@ -245,7 +261,7 @@ def simulate(
         step = p.verify_ms(g)
         decode += step
         out["verify_ms"] += step
-        if config.decode == "head":
+        if config.decode == "head" and not tree:
             a = min(head_runs[length - 1], g)
         elif not (tree and g):
             a = _run(match, length, g)
@@ -282,10 +298,16 @@ def predict(
         config = SDConfig.from_dict(config)
     if config.policy.tree is not None and not config.sampling.greedy:
         raise ValueError(f"{config.name}: sampled draft trees are not priced")
-    if config.policy.tree is not None and acceptance.top is None:
+    tree = config.policy.tree is not None
+    if tree and config.round1 == "cross_modal" and acceptance.top is None:
         raise ValueError(
             f"{acceptance.source}: no drafter top-k recorded (top, rank); re-export with "
             f"`python train.py` to price draft trees"
+        )
+    if tree and config.decode == "head" and acceptance.head_top is None:
+        raise ValueError(
+            f"{acceptance.source}: no head top-k recorded (tree_top, tree_rank); re-export "
+            f"the head with `python train.py` to price its draft trees"
         )
     if not config.sampling.greedy:
         acceptance = acceptance.sampled(config.sampling)
@@ -303,15 +325,17 @@ def predict(
             )
     none = [None] * len(acceptance.match)
     rows = []
-    for match, conf, head, rank, top in zip(
+    for match, conf, head, rank, top, head_rank, head_top in zip(
         acceptance.match,
         acceptance.confidence,
         acceptance.head_runs or none,
         acceptance.rank or none,
         acceptance.top or none,
+        acceptance.head_rank or none,
+        acceptance.head_top or none,
         strict=True,
     ):
-        row = simulate(profile, config, match, conf, head, rank, top)
+        row = simulate(profile, config, match, conf, head, rank, top, head_rank, head_top)
         rows.append({"n_tokens": len(match), "baseline_ms": profile.baseline_ms(len(match)), **row})
     means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     return {

@@ -182,14 +182,14 @@ class AdapterModule(L.LightningModule):
         self.val_loss.update(terms, mask)
         self.val_metrics.update(heads["align"], target, tokens, mask)
         if self.val_chain is not None:
-            runs, _ = chain_runs(
+            runs = chain_runs(
                 self.adapter,
                 batch["h_target"],
                 batch["tokens"],
                 batch["mask"],
                 self.lm_head,
                 k=CHAIN_K,
-            )
+            )["runs"]
             self.val_chain.update(runs[runs >= 0].float())
 
     def on_validation_epoch_end(self) -> None:

@@ -30,7 +30,7 @@ from cross_modal_sd.exports import (
     tensor_digest,
 )
 from cross_modal_sd.metrics.chains import chain_arrays
-from cross_modal_sd.metrics.offline import acceptance_arrays, offline_metrics
+from cross_modal_sd.metrics.offline import TREE_TOP_K, acceptance_arrays, offline_metrics
 from cross_modal_sd.training.callbacks import WandbValCurves
 from cross_modal_sd.training.checkpoints import adapter_from_checkpoint, load_checkpoint
 from cross_modal_sd.training.module import CHAIN_K, AdapterModule
@@ -272,7 +272,13 @@ def _export(
         lm_head, limit = datamodule.lm_head_weight(), manifest.get("vocab_limit")
         if module.is_head:
             acceptance = chain_arrays(
-                adapter, datamodule.cache, datamodule.splits["val"], lm_head, limit, CHAIN_K
+                adapter,
+                datamodule.cache,
+                datamodule.splits["val"],
+                lm_head,
+                limit,
+                CHAIN_K,
+                tree_k=max(TREE_TOP_K),
             )
         else:
             _, rows = offline_metrics(
