@@ -70,7 +70,12 @@ def test_bad_trees_are_rejected(parents, match):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"nodes": 0}, "tree budget"), ({"top_k": 0}, "top_k"), ({"nodes": 2.5}, "tree budget")],
+    [
+        ({"nodes": 0}, "tree budget"),
+        ({"top_k": 0}, "top_k"),
+        ({"nodes": 2.5}, "tree budget"),
+        ({"round1": "no"}, "round1 must be true or false"),
+    ],
 )
 def test_bad_tree_shapes_fail_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -216,21 +221,26 @@ def test_tree_sd_equals_greedy_with_scripted_drafters(tiny, round1, wrong_at):
 # --- the speedup model's replay of tree rounds ----------------------------------------------
 
 
-@pytest.mark.parametrize("decode", ["draft_model", "head"])
+@pytest.mark.parametrize(
+    ("decode", "round1"), [("draft_model", True), ("head", True), ("draft_model", False)]
+)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("wrong_at", [(), (2,), (1, 4, 6), tuple(range(MAX_NEW))])
-def test_the_speedup_model_replays_tree_rounds_as_the_loop_runs_them(tiny, wrong_at, top_k, decode):
+def test_the_speedup_model_replays_tree_rounds_as_the_loop_runs_them(
+    tiny, wrong_at, top_k, decode, round1
+):
     """The model grows each round's tree from the drafter's recorded top-k on the answer's
     path (the cross-modal drafter's by position, a head's by depth from the committed length).
     Scripted drafters' candidates depend on the position only, so their branches off the path
     are what the model assumes: rounds, nodes, accepted nodes and target forwards must equal
     the loop's exactly. The model does not know which branch off the path is EOS (never
-    expanded), so answers whose scripted branches hold EOS are left out."""
+    expanded), so answers whose scripted branches hold EOS are left out. ``round1=False``: a
+    chain in round 1, trees after."""
     from cross_modal_sd.decoding import DraftState
     from cross_modal_sd.speedup import CostProfile, simulate
 
     profile = CostProfile(10.0, 1.0, ((1, 1.5), (5, 3.5)), 2.0, 0.5, 0.1, head_token_ms=0.1)
-    policy = DraftPolicy(gamma=3, tree=TreeShape(nodes=5, top_k=top_k))
+    policy = DraftPolicy(gamma=3, tree=TreeShape(nodes=5, top_k=top_k, round1=round1))
     config = SDConfig(policy, decode, MAX_NEW, tiny.eos)
     checked = 0
     for inputs, ref in zip(tiny.inputs, tiny.reference, strict=True):
@@ -262,4 +272,6 @@ def test_the_speedup_model_replays_tree_rounds_as_the_loop_runs_them(tiny, wrong
         assert out["accepted"] == sum(result.accepted)
         assert out["first_drafted"] == result.drafted[0]
         assert out["target_forwards"] == result.target_forwards
+        if not round1:  # a chain of gamma drafts in round 1
+            assert result.drafted[0] == min(3, len(ref) - 1)
     assert checked >= 3

@@ -50,9 +50,10 @@ class DraftPolicy:
         decode_gamma: drafts per round after the first when ``gamma="prefill"``.
         threshold: ``"confidence"`` only: minimum top-1 probability of a kept draft.
         max_drafts: hard cap on drafts in any round.
-        tree: draft a tree per round instead of a chain (`trees.TreeShape`: node budget and
-            top-k; its depth is capped as a chain's length is). A ``gamma="prefill"`` first
-            round grows its tree until the target has prefilled (up to `max_drafts` nodes).
+        tree: draft a tree per round instead of a chain (`trees.TreeShape`: node budget,
+            top-k, and whether round 1 drafts one; its depth is capped as a chain's length is).
+            A ``gamma="prefill"`` first round grows its tree until the target has prefilled (up
+            to `max_drafts` nodes).
     """
 
     kind: Literal["fixed", "confidence"] = "fixed"
@@ -82,9 +83,16 @@ class DraftPolicy:
     def name(self) -> str:
         """Short label for reports, e.g. ``fixed-5``, ``fixed-prefill``, ``confidence-0.5``."""
         tree = f"-tree{self.tree.nodes}x{self.tree.top_k}" if self.tree else ""
+        tree += "-later" if self.tree and not self.tree.round1 else ""
         if self.kind == "confidence":
             return f"confidence-{self.threshold:g}{tree}"
         return f"fixed-{self.gamma}{tree}"
+
+    def tree_in(self, first_round: bool) -> TreeShape | None:
+        """The tree shape a round drafts (None: a chain)."""
+        if self.tree is None or (first_round and not self.tree.round1):
+            return None
+        return self.tree
 
     def round_cap(self, first_round: bool) -> int:
         """Most drafts this round may propose."""
@@ -187,7 +195,7 @@ def propose(
     Returns:
         The drafter state after the round and the proposal.
     """
-    if policy.tree is not None:
+    if policy.tree_in(first_round) is not None:
         depth = min(limit, policy.round_cap(first_round))
         ready = target_ready if policy.waits_for_target(first_round) else None
         return _propose_tree(drafter, state, policy, depth, ready, eos_token_id)

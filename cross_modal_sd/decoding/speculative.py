@@ -383,7 +383,7 @@ def speculative_generate(
             if runner is not None:
                 runner.set_ready(True)  # also on error, so a drafter waiting for it ends
             r1, took = None, False
-            whole = config.fuse_round1 or policy.tree is not None  # need the whole answer
+            whole = config.fuse_round1 or policy.tree_in(True) is not None  # all of it
             if drafting_round1 and (config.wait_for_drafter or (whole and runner.prefilled())):
                 r1 = runner.finish_round1()
             elif drafting_round1:  # no waiting: the drafts made so far, if any

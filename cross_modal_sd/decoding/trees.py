@@ -35,16 +35,20 @@ class TreeShape:
     Attributes:
         nodes: most draft nodes per round (the budget; at least 1).
         top_k: candidates taken from each expanded node (at least 1; 1 gives a chain).
+        round1: whether round 1 drafts a tree too (False: a chain there, trees after).
     """
 
     nodes: int = 12
     top_k: int = 2
+    round1: bool = True
 
     def __post_init__(self):
         if not isinstance(self.nodes, int) or self.nodes < 1:
             raise ValueError(f"tree budget (nodes) must be an int >= 1, got {self.nodes!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"tree top_k must be an int >= 1, got {self.top_k!r}")
+        if not isinstance(self.round1, bool):
+            raise ValueError(f"tree round1 must be true or false, got {self.round1!r}")
 
 
 @dataclass

@@ -120,7 +120,11 @@ def parse_strategies(
             )
         if tree:
             node = decoding.get("tree") or {}
-            shape = TreeShape(int(node.get("nodes", 12)), int(node.get("top_k", 2)))
+            shape = TreeShape(
+                int(node.get("nodes", 12)),
+                int(node.get("top_k", 2)),
+                bool(node.get("round1", True)),
+            )
             policy = replace(policy, tree=shape)
         config = SDConfig(
             policy=policy,

@@ -138,6 +138,13 @@ def _tree_round(
     return len(tree), expanded, accepted, below
 
 
+def _cross_modal_trees(config: SDConfig) -> bool:
+    """Whether the cross-modal drafter drafts trees (round 1, or later rounds)."""
+    policy = config.policy
+    first = config.round1 == "cross_modal" and policy.tree_in(first_round=True) is not None
+    return first or (policy.tree is not None and config.decode == "draft_model")
+
+
 def _head_drafts(policy: DraftPolicy, run: int, length: int, limit: int, n: int, eos: bool) -> int:
     """Drafts of one head round at committed ``length`` whose chain runs ``run`` (it stops
     after proposing the answer's EOS)."""
@@ -174,7 +181,7 @@ def simulate(
             f"{config.name}: decode='head' needs the head's runs (Acceptance.with_head)"
         )
     tree = policy.tree is not None
-    if tree and config.round1 == "cross_modal" and (rank is None or top is None):
+    if _cross_modal_trees(config) and (rank is None or top is None):
         raise ValueError(f"{config.name}: a tree policy needs the drafter's top-k (rank, top)")
     if tree and config.decode == "head" and (head_rank is None or head_top is None):
         raise ValueError(f"{config.name}: a head's trees need its top-k (head_rank, head_top)")
@@ -183,18 +190,19 @@ def simulate(
     fit = p.prefill_drafts()
     # Never waiting: a chain takes the drafts made by the end of the target's prefill; a fused
     # round or a tree waits for a drafter past its prefill and skips one still in it.
-    takes = not config.wait_for_drafter and not config.fuse_round1 and policy.tree is None
+    first_tree = policy.tree_in(first_round=True) is not None
+    takes = not config.wait_for_drafter and not config.fuse_round1 and not first_tree
     if takes:
         fit = p.drafts_by_prefill_end()
     skipped = config.round1 == "none" or (
         not config.wait_for_drafter and (p.drafter_late() or fit == 0)
     )
     g, stopped, expanded, depth, below = 0, False, 0, 0, 0
-    if cap >= 2 and not skipped and tree:
+    if cap >= 2 and not skipped and first_tree:
         g, expanded, depth, below = _tree_round(policy, True, 0, cap - 1, rank, top, eos, fit)
     elif cap >= 2 and not skipped:
         g, stopped = _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
-    drafting = p.drafting_ms(expanded, False) if tree else p.drafting_ms(g, stopped)
+    drafting = p.drafting_ms(expanded, False) if first_tree else p.drafting_ms(g, stopped)
     if g and takes:  # the target's prefill beside the job, then the board read: no wait
         round1 = p.round1_prefill_ms * p.target_contention
     elif g:
@@ -203,11 +211,11 @@ def simulate(
         round1 = p.round1_prefill_ms * p.target_contention
     else:
         round1 = p.target_prefill_ms
-    accepted = int(depth > 0) if tree else int(g > 0 and match[0])
-    rest = below if tree else g - 1  # drafts the second forward verifies
+    accepted = int(depth > 0) if first_tree else int(g > 0 and match[0])
+    rest = below if first_tree else g - 1  # drafts the second forward verifies
     length, forwards, verify = 1, 1, 0.0
     if accepted and rest > 0 and n > 1:
-        more = depth - 1 if tree else _run(match, 1, g - 1)
+        more = depth - 1 if first_tree else _run(match, 1, g - 1)
         verify = p.verify_ms(rest)
         accepted += more
         forwards += 1
@@ -299,7 +307,7 @@ def predict(
     if config.policy.tree is not None and not config.sampling.greedy:
         raise ValueError(f"{config.name}: sampled draft trees are not priced")
     tree = config.policy.tree is not None
-    if tree and config.round1 == "cross_modal" and acceptance.top is None:
+    if _cross_modal_trees(config) and acceptance.top is None:
         raise ValueError(
             f"{acceptance.source}: no drafter top-k recorded (top, rank); re-export with "
             f"`python train.py` to price draft trees"
