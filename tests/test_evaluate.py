@@ -128,8 +128,20 @@ class TinyWorld:
             run_name="run-a",
             cache_manifest_digest="0" * 64,
             # What the speedup model replays: val acceptance sequences (here: scripted).
+            # Every third draft misses; the target's token is then the drafter's second choice,
+            # and the draft the target's second.
             val_acceptance=acceptance_arrays(
-                [{"match": [True, True, False] * 3, "confidence": [0.9] * 9}] * 4
+                [
+                    {
+                        "match": [True, True, False] * 3,
+                        "confidence": [0.9] * 9,
+                        "top_probs": [[0.9, 0.05, 0.03, 0.02]] * 9,
+                        "rank": [0, 0, 1] * 3,
+                        "target_logits": [[2.0, 1.0, 0.0]] * 9,
+                        "draft_rank": [0, 0, 1] * 3,
+                    }
+                ]
+                * 4
             ),
         )
         # A feature head for the same target (random: its drafts are mostly rejected), with
@@ -138,13 +150,28 @@ class TinyWorld:
         weight = self.pair.target.lm_head_weight
         head = FeatureHead(128, 128, "H1", vocab_size=weight.shape[0], max_len=16)
         runs = torch.tensor([[2, 1, 0, 3, 2, 1, 0, 1, -1]] * 4, dtype=torch.int16)
+        # Its trees: the answer's token is its first choice along each run, then its second.
+        rank = torch.full((4, 9, 8), -1, dtype=torch.int8)
+        for start, run in enumerate(runs[0].tolist()[:-1]):
+            depth = min(run + 1, 8 - 0, 9 - start - 1)
+            rank[:, start, :depth] = 0
+            if run < depth:
+                rank[:, start, run] = 1
+        top = torch.tensor([0.7, 0.2, 0.05, 0.05], dtype=torch.float16).expand(4, 9, 8, 4)
         save_export(
             head,
             self.head_ckpt,
             run_name="head-a",
             cache_manifest_digest="0" * 64,
             lm_head_digest=tensor_digest(weight),
-            val_acceptance={"runs": runs, "lengths": torch.tensor([9] * 4), "k": torch.tensor(8)},
+            val_acceptance={
+                "runs": runs,
+                "miss_rank": torch.full((4, 9), 1, dtype=torch.int8),
+                "tree_top": top.clone(),
+                "tree_rank": rank,
+                "lengths": torch.tensor([9] * 4),
+                "k": torch.tensor(8),
+            },
         )
 
 
@@ -307,7 +334,7 @@ def test_tree_and_fused_strategies_are_lossless_named_and_priced_where_modelled(
     assert list(report["strategies"]) == ["baseline", *names]
     for r in records:
         policy = r["strategies"]["hybrid_tree"]["config"]["policy"]
-        assert policy["tree"] == {"nodes": 12, "top_k": 2}
+        assert policy["tree"] == {"nodes": 12, "top_k": 2, "round1": True}
     assert report["strategies"]["head_tree"]["method"] == "sd/none/fixed-prefill-tree12x2/head"
     fused = report["strategies"]["hybrid_fused"]
     assert fused["method"] == "sd/fused/fixed-prefill/head" and "predicted_speedup" not in fused
@@ -550,6 +577,15 @@ def test_offline_metrics_equal_the_functional_definitions(tmp_path):
     assert sum(result["curves"]["accepted_length_hist"]) == 5
     assert [r["sample_id"] for r in rows] == ["s0", "s2", "s3", "s5", "s6"]
     assert [r["length"] for r in rows] == [1, 3, 4, 6, 1]
+    # Round 1's expected run when the target samples at T = 1: sum over k of prod a_i, i <= k.
+    target_p = (batch["h_target"] @ lm_head[:10].T).softmax(dim=-1)
+    want = 0.0
+    for b, r in enumerate(rows):
+        prod = 1.0
+        for i in range(r["length"]):
+            prod *= float(target_p[b, i, pred_tokens[b, i]])
+            want += prod
+    assert m["sampled_accept_len_T1"] == pytest.approx(want / len(rows), rel=1e-5)
     # The sequences the speedup model prices trees and sampling with, by their definitions.
     probs = (pred @ lm_head[:10].T).softmax(dim=-1)  # (B, T, 10)
     target = batch["h_target"] @ lm_head[:10].T

@@ -19,6 +19,7 @@ from cross_modal_sd.metrics import (
     cos_sim_stats,
     cosine,
     draft_tokens,
+    expected_run,
     leading_run,
     position_acceptance,
     token_accept_len,
@@ -99,6 +100,24 @@ def test_leading_run_stops_at_first_miss_and_at_padding():
     # Sample means skip the all-padding row: (4 + 0 + 2 + 2) / 4.
     cos = hits.float()
     assert consecutive_at(cos, mask, 0.5) == 2.0
+
+
+def test_expected_run_under_sampling_by_hand():
+    """Two ids read straight from the state (lm_head = I): logits (0, 0) give p = 1/2 each,
+    (ln 3, 0) give 3/4 and 1/4."""
+    half, three = [0.0, 0.0], [math.log(3), 0.0]
+    states = torch.tensor([[half, three, half], [half, three, three]])
+    drafts = torch.tensor([[0, 0, 0], [1, 0, 1]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    run = expected_run(states, torch.eye(2), drafts, mask)
+    # 1/2 + 1/2 * 3/4 (the third position is padding); 1/2 + 3/8 + 3/8 * 1/4.
+    assert run.tolist() == pytest.approx([0.875, 0.96875])
+    # T -> small: the argmax is certain, other ids never drawn, ties stay 1/2 each:
+    # 1/2 + 1/2 * 1; 1/2 + 1/2 * 1 + 1/2 * 1 * 0.
+    cold = expected_run(states, torch.eye(2), drafts, mask, temperature=0.01)
+    assert cold.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        expected_run(states, torch.eye(2), drafts, mask, temperature=0.0)
 
 
 def test_leading_run_rejects_non_prefix_mask():

@@ -208,6 +208,36 @@ def top_logits(
     return values, ids
 
 
+def expected_run(
+    target_states: Tensor,
+    lm_head_weight: Tensor,
+    drafts: Tensor,
+    mask: Tensor,
+    vocab_limit: int | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """(B,) expected leading run of accepted drafts when the target samples at ``temperature``
+    (no top-k or top-p): draft i is accepted with the target's probability of it, ``a_i``, so
+    the run's expectation is ``sum_k prod_{i<=k} a_i`` over the valid positions.
+
+    Args:
+        target_states: (B, T, D) the target's states whose ``lm_head`` gives each position's
+            distribution (a cache's ``h_target``).
+        lm_head_weight: (V, D) the target's ``lm_head``.
+        drafts: (B, T) the drafter's tokens.
+        mask: (B, T) bool prefix mask.
+        vocab_limit: ids at or above it are never sampled.
+        temperature: > 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    weight = lm_head_weight if vocab_limit is None else lm_head_weight[:vocab_limit]
+    logits = target_states.float() @ weight.to(target_states.device).float().T
+    p = (logits / temperature).softmax(dim=-1)  # (B, T, V')
+    accept = p.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
+    return accept.cumprod(dim=1).sum(dim=1)
+
+
 def rank_of(ids: Tensor, tokens: Tensor) -> Tensor:
     """(B, T) int64: where each token stands in its row of ``ids`` (B, T, k): 0 for the first,
     -1 where it is not among them."""

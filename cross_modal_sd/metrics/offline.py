@@ -16,6 +16,7 @@ from cross_modal_sd.data.dataset import HiddenPairDataset, collate_pairs
 from cross_modal_sd.metrics.functional import (
     cosine,
     draft_top1,
+    expected_run,
     leading_run,
     rank_of,
     top_logits,
@@ -66,7 +67,8 @@ def offline_metrics(
     Returns:
         ``{"metrics": scalars, "curves": lists}`` (scalars include ``tree_accept_len_top<k>``:
         the mean accepted length of a draft tree holding the top-k at every depth, see
-        `functional.topk_hits`) and per-sample rows (``sample_id``, ``length``,
+        `functional.topk_hits`, and ``sampled_accept_len_T1``: round 1's expected accepted
+        length when the target samples at T = 1, `functional.expected_run`) and per-sample rows (``sample_id``, ``length``,
         ``accepted_len``, ``token_match``, ``cos_sim``, and per position the teacher-forced
         sequences of the speedup model: ``match``, ``confidence``, ``top_probs`` (the drafter's
         largest ``max(TREE_TOP_K)`` probabilities), ``rank`` (the target's token among them,
@@ -89,6 +91,7 @@ def offline_metrics(
     dtype = next(adapter.parameters()).dtype
     rows = []
     tree_runs = dict.fromkeys(TREE_TOP_K, 0)
+    sampled_runs = 0.0
     for batch in loader:
         h, mask, tokens = batch["h_draft"].to(dtype), batch["mask"], batch["tokens"]
         kwargs = {}
@@ -99,12 +102,14 @@ def offline_metrics(
         drafts, confidence = draft_top1(pred, lm_head, vocab_limit)  # (B, T) each
         hits = drafts == tokens  # (B, T)
         logits, ids = top_logits(pred, lm_head, max(TREE_TOP_K), vocab_limit)
-        probs = (
-            confidence.unsqueeze(-1) * (logits - logits[..., :1]).exp()
-        )  # p_r = p_0 e^(l_r - l_0)
+        # The drafter's top probabilities from its top logits: p_r = p_0 e^(l_r - l_0).
+        probs = confidence.unsqueeze(-1) * (logits - logits[..., :1]).exp()
         rank = rank_of(ids, tokens)  # (B, T)
         target, target_ids = top_logits(batch["h_target"], lm_head, TARGET_TOP, vocab_limit)
         draft_rank = rank_of(target_ids, drafts)
+        sampled_runs += float(
+            expected_run(batch["h_target"], lm_head, drafts, mask, vocab_limit).sum()
+        )
         runs = leading_run(hits, mask)  # (B,)
         for k in TREE_TOP_K:
             top = topk_hits(pred, lm_head, tokens, k, vocab_limit)
@@ -131,13 +136,16 @@ def offline_metrics(
     scalars = {k: float(v) for k, v in metrics.compute().items()}
     for k, total in tree_runs.items():
         scalars[f"tree_accept_len_top{k}"] = total / len(rows) if rows else float("nan")
+    scalars["sampled_accept_len_T1"] = sampled_runs / len(rows) if rows else float("nan")
     curves = {k: v.tolist() for k, v in metrics.compute_curves().items()}
     return {"metrics": scalars, "curves": curves}, rows
 
 
 def acceptance_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
     """The rows' per-position sequences as padded ``(S, L)`` (``(S, L, k)``) tensors and
-    ``(S,)`` lengths (what an export stores; `speedup.Acceptance.from_arrays` reads them)."""
+    ``(S,)`` lengths (what an export stores; `speedup.Acceptance.from_arrays` reads them).
+    ``match`` and ``confidence`` are required; the others are stored where every row has them
+    (rows of `offline_metrics` do)."""
     lengths = torch.tensor([len(r["match"]) for r in rows], dtype=torch.long)
     width = int(lengths.max()) if len(rows) else 0
     kinds = {
@@ -150,6 +158,8 @@ def acceptance_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
     }
     out = {}
     for key, dtype in kinds.items():
+        if key not in ("match", "confidence") and not all(key in r for r in rows):
+            continue
         values = [torch.tensor(r[key], dtype=dtype) for r in rows]
         shape = (len(rows), width, *(values[0].shape[1:] if values else ()))
         out[key] = torch.full(shape, -1 if dtype == torch.int8 else 0, dtype=dtype)

@@ -331,7 +331,8 @@ class Acceptance:
                     while kept < run and rng.random() < p[start + 1 + kept][0]:
                         kept += 1
                     miss = self.head_miss_rank[i][start]
-                    if kept == run and rng.random() < _prob(p, start + 1 + run, miss):
+                    at = start + 1 + run  # the first wrong draft's position (none past the end)
+                    if kept == run and at < len(p) and rng.random() < _prob(p, at, miss):
                         kept += 1
                     row.append(kept)
                 runs.append(tuple(row))
