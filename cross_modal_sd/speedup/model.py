@@ -100,8 +100,8 @@ def _tree_round(
     A node is labelled by its rank among its parent's candidates; it is on the target's path
     when its parent is and its label is the target token's rank there. The answer's EOS is not
     expanded; a branch past the answer's end takes its last position's distribution; a
-    ``prefill`` round 1 stops once ``fit``
-    nodes have been expanded (the drafter's steps by the end of the target's prefill)."""
+    ``prefill`` round 1 stops once ``fit`` nodes have been expanded (the drafter's steps by
+    the end of the target's prefill)."""
     n = len(rank)
     shape = policy.tree
     waits = policy.waits_for_target(first_round)
