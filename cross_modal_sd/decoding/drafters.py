@@ -89,9 +89,12 @@ class DraftPolicy:
         return f"fixed-{self.gamma}{tree}"
 
     def tree_in(self, first_round: bool) -> TreeShape | None:
-        """The tree shape a round drafts (None: a chain)."""
+        """The tree shape a round drafts (None: a chain); a ``prefill`` round 1 may grow up to
+        `max_drafts` nodes."""
         if self.tree is None or (first_round and not self.tree.round1):
             return None
+        if self.waits_for_target(first_round):
+            return replace(self.tree, nodes=max(self.tree.nodes, self.max_drafts))
         return self.tree
 
     def round_cap(self, first_round: bool) -> int:
@@ -195,10 +198,11 @@ def propose(
     Returns:
         The drafter state after the round and the proposal.
     """
-    if policy.tree_in(first_round) is not None:
+    shape = policy.tree_in(first_round)
+    if shape is not None:
         depth = min(limit, policy.round_cap(first_round))
         ready = target_ready if policy.waits_for_target(first_round) else None
-        return _propose_tree(drafter, state, policy, depth, ready, eos_token_id)
+        return _propose_tree(drafter, state, shape, depth, ready, eos_token_id)
     tokens: list[int] = []
     confidences: list[float] = []
     cap = min(limit, policy.round_cap(first_round))
@@ -223,25 +227,22 @@ def propose(
 def _propose_tree(
     drafter: Drafter,
     state: DraftState,
-    policy: DraftPolicy,
+    shape: TreeShape,
     depth: int,
     target_ready: Callable[[], bool] | None,
     eos_token_id: int | None,
 ) -> tuple[DraftState, Proposal]:
-    """`propose` for a tree policy: `trees.grow_tree` over the drafter's top-k, moving the
-    drafter between branches with `sync` (its state ends on whichever branch it read last).
-    With `target_ready` (a ``prefill`` round 1) the tree grows until it returns True, up to
-    `max_drafts` nodes."""
+    """`propose` for a tree round of ``shape`` (`DraftPolicy.tree_in`): `trees.grow_tree` over
+    the drafter's top-k, moving the drafter between branches with `sync` (its state ends on
+    whichever branch it read last). With `target_ready` (a ``prefill`` round 1) the tree grows
+    until it returns True."""
     base = list(state.fed)
 
     def expand(tree: DraftTree, node: int) -> list[tuple[int, float]]:
         nonlocal state
         state = sync(drafter, state, base + [tree.tokens[j] for j in tree.path(node)])
-        return drafter.candidates(state, policy.tree.top_k)
+        return drafter.candidates(state, shape.top_k)
 
-    shape = policy.tree
-    if target_ready is not None:
-        shape = TreeShape(max(shape.nodes, policy.max_drafts), shape.top_k)
     tree = grow_tree(expand, shape, depth, eos_token_id, stop=target_ready or (lambda: False))
     return state, Proposal(tree.tokens, tree.scores, tree.parents)
 

@@ -473,26 +473,15 @@ def summarize_e2e(
                     head_acceptance = acceptance.with_head(setup.head_export)
                 except ValueError as err:
                     warnings.append(f"no predicted_speedup for the head strategies: {err}")
-            unpriced = [
-                s.name
-                for s in strategies
-                if s.sd is not None
-                and (s.sd.fuse_round1 or (s.sd.policy.tree and not s.sd.sampling.greedy))
-            ]
-            if unpriced:
-                warnings.append(
-                    f"no predicted_speedup for {unpriced}: the speedup model prices chains and "
-                    f"greedy trees, not sampled trees or fused rounds"
-                )
             for s in strategies:
-                if s.kind != "sd" or s.name in unpriced:
+                if s.kind != "sd":
                     continue
                 acc = head_acceptance if s.sd.decode == "head" else acceptance
                 if acc is None:
                     continue
                 try:
                     pred = predict(profile, acc, s.sd)
-                except ValueError as err:  # an export without what this strategy needs
+                except ValueError as err:  # not modelled, or an export without what it needs
                     warnings.append(f"no predicted_speedup for {s.name}: {err}")
                     continue
                 report["strategies"][s.name]["predicted_speedup"] = {

@@ -15,7 +15,6 @@ from cross_modal_sd.metrics.functional import (
     token_accept_len,
     token_match,
     top_logits,
-    topk_hits,
 )
 from cross_modal_sd.metrics.modules import (
     DEFAULT_TAUS,
@@ -47,7 +46,6 @@ __all__ = [
     "expected_run",
     "rank_of",
     "top_logits",
-    "topk_hits",
     "leading_run",
     "position_acceptance",
     "token_accept_len",

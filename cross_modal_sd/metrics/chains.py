@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from cross_modal_sd.metrics.functional import rank_of, top_logits
-from cross_modal_sd.metrics.offline import TARGET_TOP
+from cross_modal_sd.metrics.offline import TARGET_TOP, padded
 
 
 @torch.inference_mode()
@@ -137,12 +137,6 @@ def chain_arrays(
             parts.setdefault(key, []).extend(value)
         lengths += batch["mask"].sum(dim=1).tolist()
     kinds = {"runs": torch.int16, "miss_rank": torch.int8, "tree_rank": torch.int8}
-    out: dict[str, Tensor] = {}
     width = max((len(r) for r in parts.get("runs", [])), default=0)
-    for key, rows in parts.items():
-        dtype = kinds.get(key, torch.float16)
-        fill = 0 if dtype == torch.float16 else -1
-        out[key] = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=dtype)
-        for i, r in enumerate(rows):
-            out[key][i, : len(r)] = r
+    out = {key: padded(rows, width, kinds.get(key, torch.float16)) for key, rows in parts.items()}
     return {**out, "lengths": torch.tensor(lengths), "k": torch.tensor(k)}

@@ -177,23 +177,6 @@ def draft_top1(
     return draft_tokens(pred, lm_head_weight, vocab_limit), confidence
 
 
-def topk_hits(
-    pred: Tensor, lm_head_weight: Tensor, tokens: Tensor, k: int, vocab_limit: int | None = None
-) -> Tensor:
-    """(B, T) bool: whether the target's token is among the drafter's k most probable ids.
-
-    Along the target's answer, the leading run of these hits is the accepted length of a draft
-    tree that holds the drafter's top-k at every depth of that path (teacher-forced: the tree's
-    other branches do not matter to it); k = 1 is the chain's `token_accept_len`.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    weight = lm_head_weight if vocab_limit is None else lm_head_weight[:vocab_limit]
-    logits = pred.float() @ weight.to(pred.device).float().T  # (B, T, V')
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (B, T, k)
-    return (top == tokens.unsqueeze(-1)).any(dim=-1)
-
-
 def top_logits(
     states: Tensor, lm_head_weight: Tensor, m: int, vocab_limit: int | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,6 @@ from cross_modal_sd.metrics.functional import (
     leading_run,
     rank_of,
     top_logits,
-    topk_hits,
 )
 from cross_modal_sd.metrics.modules import DEFAULT_TAUS, AlignmentMetrics
 
@@ -66,10 +65,10 @@ def offline_metrics(
 
     Returns:
         ``{"metrics": scalars, "curves": lists}`` (scalars include ``tree_accept_len_top<k>``:
-        the mean accepted length of a draft tree holding the top-k at every depth, see
-        `functional.topk_hits`, and ``sampled_accept_len_T1``: round 1's expected accepted
-        length when the target samples at T = 1, `functional.expected_run`) and per-sample rows (``sample_id``, ``length``,
-        ``accepted_len``, ``token_match``, ``cos_sim``, and per position the teacher-forced
+        the mean accepted length of a draft tree holding the top-k at every depth, read off
+        ``rank``; ``sampled_accept_len_T1``: round 1's expected accepted length when the
+        target samples at T = 1, `functional.expected_run`) and per-sample rows
+        (``sample_id``, ``length``, ``accepted_len``, ``token_match``, ``cos_sim``, and per position the teacher-forced
         sequences of the speedup model: ``match``, ``confidence``, ``top_probs`` (the drafter's
         largest ``max(TREE_TOP_K)`` probabilities), ``rank`` (the target's token among them,
         -1: not), ``target_logits`` (the target's `TARGET_TOP` largest) and ``draft_rank``
@@ -111,8 +110,8 @@ def offline_metrics(
             expected_run(batch["h_target"], lm_head, drafts, mask, vocab_limit).sum()
         )
         runs = leading_run(hits, mask)  # (B,)
-        for k in TREE_TOP_K:
-            top = topk_hits(pred, lm_head, tokens, k, vocab_limit)
+        for k in TREE_TOP_K:  # the target's token among the drafter's top k: its rank < k
+            top = (rank >= 0) & (rank < k)
             tree_runs[k] += int(leading_run(top, mask).sum())
         cos = cosine(pred, batch["h_target"], mask)  # (B, T)
         lengths = mask.sum(dim=1)  # (B,)
@@ -156,13 +155,20 @@ def acceptance_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         "target_logits": torch.float16,
         "draft_rank": torch.int8,
     }
-    out = {}
-    for key, dtype in kinds.items():
-        if key not in ("match", "confidence") and not all(key in r for r in rows):
-            continue
-        values = [torch.tensor(r[key], dtype=dtype) for r in rows]
-        shape = (len(rows), width, *(values[0].shape[1:] if values else ()))
-        out[key] = torch.full(shape, -1 if dtype == torch.int8 else 0, dtype=dtype)
-        for i, v in enumerate(values):
-            out[key][i, : len(v)] = v
+    out = {
+        key: padded([torch.tensor(r[key], dtype=dtype) for r in rows], width, dtype)
+        for key, dtype in kinds.items()
+        if key in ("match", "confidence") or all(key in r for r in rows)
+    }
     return {**out, "lengths": lengths}
+
+
+def padded(rows: Sequence[Tensor], width: int, dtype: torch.dtype) -> Tensor:
+    """Rows of different lengths (each ``(n_i, ...)``) as one ``(S, width, ...)`` tensor,
+    padded with -1 for integer types (no rank, no run) and 0 (False) otherwise."""
+    integer = not dtype.is_floating_point and dtype != torch.bool
+    shape = (len(rows), width, *(rows[0].shape[1:] if rows else ()))
+    out = torch.full(shape, -1 if integer else 0, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out

@@ -36,7 +36,7 @@ from typing import Any
 
 from cross_modal_sd.decoding.drafters import DraftPolicy
 from cross_modal_sd.decoding.speculative import SDConfig
-from cross_modal_sd.decoding.trees import TreeShape, grow_tree
+from cross_modal_sd.decoding.trees import grow_tree
 from cross_modal_sd.speedup.acceptance import Acceptance, _run
 from cross_modal_sd.speedup.costs import CostProfile
 
@@ -103,10 +103,8 @@ def _tree_round(
     ``prefill`` round 1 stops once ``fit`` nodes have been expanded (the drafter's steps by
     the end of the target's prefill)."""
     n = len(rank)
-    shape = policy.tree
+    shape = policy.tree_in(first_round)
     waits = policy.waits_for_target(first_round)
-    if waits:
-        shape = TreeShape(max(shape.nodes, policy.max_drafts), shape.top_k)
     depth: list[int] = []
     on_path: list[bool] = []
     expanded = 0
@@ -246,7 +244,7 @@ def simulate(
                     0,
                     cap - length - 1,
                     depths,
-                    head_top[length - 1] or [[1.0]],
+                    head_top[length - 1],
                     eos and len(depths) == n - length,
                     fit,
                 )
@@ -293,8 +291,8 @@ def predict(
 
     Raises:
         ValueError: a head configuration drafting more per round than its chains were scored to
-            (or without them); a tree without the drafter's top-k, or sampled; sampling without
-            the target's distributions.
+            (or without them); a tree without the drafter's top-k, or sampled; a fused round 1;
+            sampling without the target's distributions.
 
     Returns:
         ``method``; ``speedup`` (``ratio_of_means``: mean baseline over mean SD time;
@@ -304,8 +302,11 @@ def predict(
     """
     if not isinstance(config, SDConfig):
         config = SDConfig.from_dict(config)
-    if config.policy.tree is not None and not config.sampling.greedy:
-        raise ValueError(f"{config.name}: sampled draft trees are not priced")
+    if config.fuse_round1 or (config.policy.tree is not None and not config.sampling.greedy):
+        raise ValueError(
+            f"{config.name}: the speedup model prices chains and greedy trees, not sampled "
+            f"trees or fused rounds"
+        )
     tree = config.policy.tree is not None
     if _cross_modal_trees(config) and acceptance.top is None:
         raise ValueError(
