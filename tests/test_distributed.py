@@ -373,6 +373,7 @@ def deterministic(record: dict) -> dict:
     return record
 
 
+@pytest.mark.slow  # (make test-full; ~55 s) the evaluation's own lossless tests stay in make test
 def test_sharded_evaluation_merges_into_the_single_process_report(
     small_world_cfg, eval_export, tmp_path
 ):
@@ -462,6 +463,7 @@ def test_local_multirun_refuses_a_self_relaunching_ddp_trainer(tmp_path):
 # ------------------------------------------------------------------------------ SLURM (stand-in)
 
 
+@pytest.mark.slow  # (make test-full; ~40 s) DDP training itself stays in make test
 def test_slurm_sweep_runs_each_point_as_a_ddp_job(tmp_path):
     """`train.py -m hydra/launcher=slurm` through stand-in sbatch/srun/sacct (tests/fake_slurm.py):
     one array job for the sweep, the launcher settings in its #SBATCH lines, and each point a
@@ -531,6 +533,7 @@ def test_slurm_sweep_runs_each_point_as_a_ddp_job(tmp_path):
         assert metrics["global_step"] == -(-n_train // 16)
 
 
+@pytest.mark.slow  # (make test-full; ~25 s) the sharded extraction stays in make test
 def test_slurm_array_extraction_equals_single_process(small_world_cfg, single_cache, tmp_path):
     """`python -m cross_modal_sd.extract -m hydra/launcher=slurm 'shard.rank=range(2)'`: one
     array task per rank through the stand-in cluster; the merged cache is the single run's."""

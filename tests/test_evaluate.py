@@ -235,7 +235,9 @@ def test_every_sd_configuration_is_lossless_on_every_sample(world):
             assert s["predicted_speedup"]["acceptance"]["source"].startswith("val split")
 
 
-@pytest.mark.parametrize("deployment", ["own_device", "shared"])
+@pytest.mark.parametrize(
+    "deployment", ["own_device", pytest.param("shared", marks=pytest.mark.slow)]
+)
 def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
     # The tiny target prefills faster than the drafter: a hybrid that waits for it (as the
     # mini world's needs not) shows its round-1 drafts here.
@@ -268,6 +270,7 @@ def test_head_and_hybrid_are_lossless_timed_and_predicted(world, deployment):
     assert window["verdict"] in ("paid", "did not pay", "undecided")
 
 
+@pytest.mark.slow  # (make test-full; ~45 s) the distribution tests of test_sampling stay
 def test_sampling_runs_every_method_at_the_same_settings_and_reports_acceptance(world):
     settings = {"temperature": 0.3, "top_k": 0, "top_p": 0.9, "seed": 5}
     cfg = _cfg(

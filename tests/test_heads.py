@@ -3,6 +3,9 @@ the target's greedy `generate` (scripted and trained heads), and chain acceptanc
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,10 @@ from test_speculative import MAX_NEW, N_SAMPLES, World
 from cross_modal_sd.adapters import FeatureHead
 from cross_modal_sd.decoding import (
     DraftPolicy,
+    DraftRunnerError,
     HeadDrafter,
+    LocalRunner,
+    ProcessRunner,
     ScriptedDrafter,
     ScriptedHead,
     SDConfig,
@@ -332,3 +338,138 @@ def test_configurations_without_their_drafters_are_refused(world):
         speculative_generate(world.target, None, t_in, d_in, world.config(decode="head"))
     with pytest.raises(ValueError, match="round1 must be one of"):
         SDConfig(round1="eagle")
+
+
+class SlowPrefill:
+    """The world's target with a prefill that first sleeps: round 1's window outlasts any
+    drafting a test drafter does, so a head tail always runs to its length."""
+
+    def __init__(self, target, seconds: float = 0.1):
+        self.target, self.seconds = target, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def prefill(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        return self.target.prefill(*args, **kwargs)
+
+
+TAIL = 3  # cross-modal drafts before the head tail
+TAIL_POLICY = DraftPolicy(gamma="prefill", decode_gamma=4, max_drafts=16, head_tail=TAIL)
+
+
+def _tailed(reference, world, draft_script=None, tail_script=None, **kw):
+    """A scripted cross-modal drafter whose round-1 tail comes from a scripted head."""
+    tail = ScriptedHead(reference, world.limit, **(tail_script or {}))
+    return ScriptedDrafter(reference, world.limit, dim=DIM, head=tail, **(draft_script or {}), **kw)
+
+
+def test_head_tail_drafts_on_from_the_cross_modal_chain_until_the_target_is_ready(world):
+    """The round-1 job: `head_tail` cross-modal drafts, then the head's (up to decode_gamma)
+    from the synced chain, on the board as they come; none once the target is ready."""
+    i = next(i for i, r in enumerate(world.reference) if len(r) == MAX_NEW)
+    reference = world.reference[i]
+    d_in = world.samples[i][1]
+    drafter = _tailed(reference, world, {"wrong_at": (1,)}, {"wrong_at": (5,)})
+    with LocalRunner(drafter) as runner:
+        runner.set_ready(False)  # a target that never finishes: the tail runs to its length
+        runner.start_round1(d_in, TAIL_POLICY, MAX_NEW - 1, world.eos)
+        tokens = runner.finish_round1().proposal.tokens
+        assert len(tokens) == TAIL + 4
+        assert tokens[:TAIL] == [drafter.proposal(k)[0] for k in range(TAIL)]  # d1 wrong
+        assert tokens[TAIL:] == [drafter.head.proposal(k)[0] for k in range(TAIL, TAIL + 4)]
+        assert tokens[5] != reference[5] and tokens[4] == reference[4]
+        assert drafter.head.synced == [TAIL]  # one sync: the thread used this very object
+        assert runner.drafts_so_far().proposal.tokens == tokens  # all on the board, in order
+        runner.set_ready(True)  # ready before the chain is done: d0 alone, no tail
+        runner.start_round1(d_in, TAIL_POLICY, MAX_NEW - 1, world.eos)
+        assert runner.finish_round1().proposal.tokens == reference[:1]
+        # The target ready while the tail drafts: the tail stops after that draft.
+        runner.set_ready(False)
+        drafter.head.confidence = lambda k: runner.set_ready(k == TAIL + 1) or 1.0
+        runner.start_round1(d_in, TAIL_POLICY, MAX_NEW - 1, world.eos)
+        assert len(runner.finish_round1().proposal.tokens) == TAIL + 2
+
+
+def test_head_tail_stops_at_eos_and_the_cap(world):
+    i = next(i for i, r in enumerate(world.reference) if r[-1] == world.eos and len(r) > 4)
+    reference = world.reference[i]
+    d_in = world.samples[i][1]
+    with LocalRunner(_tailed(reference, world)) as runner:
+        for limit, want in ((MAX_NEW - 1, reference), (TAIL + 2, reference[: TAIL + 2])):
+            runner.set_ready(False)
+            runner.start_round1(d_in, replace(TAIL_POLICY, decode_gamma=MAX_NEW), limit, world.eos)
+            assert runner.finish_round1().proposal.tokens == want
+        # a chain that ends at EOS within its cross-modal drafts has no tail
+        early = replace(TAIL_POLICY, head_tail=len(reference))
+        runner.set_ready(False)
+        runner.start_round1(d_in, early, MAX_NEW - 1, world.eos)
+        assert runner.finish_round1().proposal.tokens == reference
+
+
+@pytest.mark.parametrize(
+    "draft_script, tail_script, round1_accepted",
+    [
+        ({}, {}, TAIL + 4),  # all right: the tail's drafts are accepted with the chain's
+        ({}, {"correct_upto": 0}, TAIL),  # the tail always wrong: round 1 keeps the chain
+        ({}, {"wrong_at": (TAIL + 2,)}, TAIL + 2),
+        ({"wrong_at": (1,)}, {}, 1),  # the chain misses: the tail built on it goes too
+    ],
+)
+def test_head_tail_sd_equals_greedy(world, draft_script, tail_script, round1_accepted):
+    slow = SlowPrefill(world.target)
+    config = world.config(TAIL_POLICY, decode="head")
+    for i, reference in enumerate(world.reference):
+        drafter = _tailed(reference, world, draft_script, tail_script)
+        result = speculative_generate(
+            slow, drafter, *world.samples[i], config, head=ScriptedHead(reference, world.limit)
+        )
+        _check(world, result, i)
+        if len(reference) == MAX_NEW:  # no EOS inside round 1's answer
+            chain = [drafter.proposal(k)[0] for k in range(TAIL)]
+            chain += [drafter.head.proposal(k)[0] for k in range(TAIL, TAIL + 4)]
+            # (a scripted wrong draft may be EOS, which ends the tail)
+            assert result.drafted[0] == (chain.index(world.eos) + 1 if world.eos in chain else 7)
+            assert result.accepted[0] == round1_accepted
+
+
+def test_head_tail_with_real_drafters_is_lossless(world, trained_head):
+    """The trained head drafts the tail from a real adapter's estimates, in the drafter's own
+    process as in an evaluation, and the loop's head decodes on: the target's greedy answer."""
+    config = world.config(TAIL_POLICY, decode="head")
+    head = HeadDrafter(trained_head, world.target.head)
+    drafter = world.adapter_drafter("L1")
+    drafter.head = head
+    drafted = 0
+    with ProcessRunner(drafter) as runner:
+        for i in range(N_SAMPLES):
+            result = speculative_generate(
+                SlowPrefill(world.target), runner, *world.samples[i], config, head=head
+            )
+            _check(world, result, i)
+            drafted = max(drafted, result.drafted[0])
+    assert drafted == TAIL + 4  # the head drafted its tail
+
+
+def test_head_tail_settings_are_checked(world):
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="head_tail must be an int >= 1 or None"):
+            DraftPolicy(gamma="prefill", head_tail=bad)
+    for policy in (
+        {"gamma": 3},
+        {"kind": "confidence"},
+        {"gamma": "prefill", "tree": TreeShape()},
+    ):
+        with pytest.raises(ValueError, match="needs kind='fixed', gamma='prefill' and no round-1"):
+            DraftPolicy(head_tail=2, **policy)
+    later = DraftPolicy(gamma="prefill", head_tail=2, tree=TreeShape(round1=False))
+    assert later.name == "fixed-prefill-tree12x2-later-tail2"
+    for kwargs in ({"round1": "none"}, {"fuse_round1": True}):
+        with pytest.raises(ValueError, match="head_tail drafts on from round 1's cross-modal"):
+            SDConfig(TAIL_POLICY, "head", **kwargs)
+    plain = ScriptedDrafter(world.reference[0], world.limit)  # no head to draft the tail
+    with LocalRunner(plain) as runner:
+        runner.start_round1(world.samples[0][1], TAIL_POLICY, 8, world.eos)
+        with pytest.raises(DraftRunnerError, match="a head tail needs a drafter with a feature"):
+            runner.finish_round1()

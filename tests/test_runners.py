@@ -265,7 +265,9 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)]
+)
 def test_no_orphan_after_ctrl_c_or_a_killed_parent(sig):
     """Ctrl-C: the parent's `with` block closes the drafter. SIGKILL (no cleanup can run): the
     drafter's parent-death signal ends it."""

@@ -39,6 +39,7 @@ SAMPLING = Sampling(temperature=0.7, top_k=3)
 LENGTH = 3  # answer tokens compared
 RUNS = 800
 ALPHA = 1e-3
+SLOW = pytest.mark.slow  # make test-full only
 
 
 class Tiny(TinyTarget):
@@ -126,15 +127,16 @@ def test_the_cells_are_a_distribution_the_target_can_stray_from(tiny):
 @pytest.mark.parametrize(
     ("decode", "round1", "wrong_at", "tree"),
     [
-        ("draft_model", "cross_modal", (), False),  # the target's greedy path drafted
-        ("draft_model", "cross_modal", (1,), False),  # a wrong draft in the middle
-        ("autoregressive", "cross_modal", (0,), False),  # round 1 wrong from the start
+        # ~15 s each: make test runs the hybrid and a tree; make test-full all of them.
+        pytest.param("draft_model", "cross_modal", (), False, marks=SLOW),  # the greedy path
+        pytest.param("draft_model", "cross_modal", (1,), False, marks=SLOW),  # a middle miss
+        pytest.param("autoregressive", "cross_modal", (0,), False, marks=SLOW),  # round 1 wrong
         ("head", "cross_modal", (2,), False),  # the hybrid
-        ("head", "none", (), False),  # head only
+        pytest.param("head", "none", (), False, marks=SLOW),  # head only
         # Trees: recursive rejection over two children per node (the scripted second branch
         # is the greedy token where the first is wrong, another token where it is right).
         ("draft_model", "cross_modal", (1,), True),
-        ("head", "cross_modal", (0,), True),
+        pytest.param("head", "cross_modal", (0,), True, marks=SLOW),
     ],
 )
 def test_sd_sampling_distribution_equals_the_target_s(tiny, decode, round1, wrong_at, tree):
@@ -148,11 +150,11 @@ def test_sd_sampling_distribution_equals_the_target_s(tiny, decode, round1, wron
     ("rule", "tree"),
     [
         (lambda p: p**0.8, False),
-        (lambda p: 1.0, False),
+        pytest.param(lambda p: 1.0, False, marks=SLOW),
         # In a tree the over-accepted second branch partly makes up for the first (p^0.8 gives
         # p = 2.5e-3 at 800 runs), so the mild rule is p^0.6 there (p = 2e-34).
-        (lambda p: p**0.6, True),
-        (lambda p: 1.0, True),
+        pytest.param(lambda p: p**0.6, True, marks=SLOW),
+        pytest.param(lambda p: 1.0, True, marks=SLOW),
     ],
     ids=["p^0.8-chain", "always-chain", "p^0.6-tree", "always-tree"],
 )

@@ -52,6 +52,7 @@ def test_changed_config_gets_its_own_build():
         MiniWorldConfig.from_dict({"sede": 1})
 
 
+@pytest.mark.slow  # (make test-full; ~30 s: two builds)
 def test_build_is_deterministic_from_its_seed(small_world_cfg, tmp_path):
     """A second build of the same config writes the same weights and losses, byte for byte
     (the models train in two processes that switch thread counts at fixed steps)."""

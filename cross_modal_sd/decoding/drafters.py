@@ -54,6 +54,11 @@ class DraftPolicy:
             top-k, and whether round 1 drafts one; its depth is capped as a chain's length is).
             A ``gamma="prefill"`` first round grows its tree until the target has prefilled (up
             to `max_drafts` nodes).
+        head_tail: a ``gamma="prefill"`` chain round 1 only: after this many cross-modal drafts
+            the drafter's feature head drafts the chain on (up to `decode_gamma` more), reading
+            the adapter's estimates of the target's states at the cross-modal drafts and then its
+            own outputs, until the target has prefilled (None: cross-modal drafts only; the
+            drafter needs a head: `AdapterDrafter(head=...)`).
     """
 
     kind: Literal["fixed", "confidence"] = "fixed"
@@ -62,6 +67,7 @@ class DraftPolicy:
     threshold: float = 0.5
     max_drafts: int = 32
     tree: TreeShape | None = None
+    head_tail: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("fixed", "confidence"):
@@ -78,12 +84,24 @@ class DraftPolicy:
             raise ValueError(f"DraftPolicy.threshold must lie in (0, 1], got {self.threshold!r}")
         if isinstance(self.tree, dict):  # from a record's to_dict
             object.__setattr__(self, "tree", TreeShape(**self.tree))
+        if self.head_tail is not None:
+            if not isinstance(self.head_tail, int) or self.head_tail < 1:
+                raise ValueError(
+                    f"DraftPolicy.head_tail must be an int >= 1 or None, got {self.head_tail!r}"
+                )
+            if not self.waits_for_target(True) or self.tree_in(True) is not None:
+                raise ValueError(
+                    "DraftPolicy.head_tail drafts on from a round-1 chain that lasts the target's "
+                    f"prefill: it needs kind='fixed', gamma='prefill' and no round-1 tree, got "
+                    f"kind={self.kind!r}, gamma={self.gamma!r}, tree={self.tree}"
+                )
 
     @property
     def name(self) -> str:
         """Short label for reports, e.g. ``fixed-5``, ``fixed-prefill``, ``confidence-0.5``."""
         tree = f"-tree{self.tree.nodes}x{self.tree.top_k}" if self.tree else ""
         tree += "-later" if self.tree and not self.tree.round1 else ""
+        tree += f"-tail{self.head_tail}" if self.head_tail else ""
         if self.kind == "confidence":
             return f"confidence-{self.threshold:g}{tree}"
         return f"fixed-{self.gamma}{tree}"
@@ -282,6 +300,8 @@ class AdapterDrafter:
             on the full answer because they are causal.
         target_head: the target's masked `lm_head` (`TargetDecoder.head`: its own module, so
             the drafter can move to another process without the target).
+        head: a feature head (`heads.HeadDrafter`) that drafts a round-1 chain's tail on the
+            adapter's estimates (`DraftPolicy.head_tail`); it moves with the drafter.
     """
 
     def __init__(
@@ -289,10 +309,12 @@ class AdapterDrafter:
         draft: DraftDecoder,
         adapter: Adapter,
         target_head: Callable[[torch.Tensor], torch.Tensor],
+        head: Any = None,
     ):
         self.draft = draft
         self.adapter = adapter
         self.target_head = target_head
+        self.head = head
 
     def prefill(self, inputs: DraftInputs) -> DraftState:
         out = self.draft.prefill(inputs.input_ids, inputs.event_pixels, keep_last=1)
@@ -358,6 +380,8 @@ class ScriptedDrafter:
         prefill_s / token_s: sleep in `prefill` / per `feed` call (one forward, however many
             tokens it reads), to give the stub a cost.
         dim: width of its (zero) estimates of the target's states.
+        head: the head that drafts a round-1 chain's tail (`DraftPolicy.head_tail`), e.g. a
+            `heads.ScriptedHead`.
     """
 
     def __init__(
@@ -370,6 +394,7 @@ class ScriptedDrafter:
         prefill_s: float = 0.0,
         token_s: float = 0.0,
         dim: int = 1,
+        head: Any = None,
     ):
         self.reference = list(reference)
         self.vocab_limit = vocab_limit
@@ -379,6 +404,7 @@ class ScriptedDrafter:
         self.prefill_s = prefill_s
         self.token_s = token_s
         self.dim = dim
+        self.head = head
 
     def is_correct(self, position: int) -> bool:
         """Whether the proposal at answer `position` copies the reference."""

@@ -12,7 +12,7 @@ The head runs beside the target, in its process (it reads the target's states). 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,10 +90,19 @@ class HeadDrafter:
 
     @torch.inference_mode()
     def propose(
-        self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
+        self,
+        state: HeadState,
+        policy: DraftPolicy,
+        limit: int,
+        eos_token_id: int | None,
+        stop: Callable[[], bool] | None = None,
+        on_draft: Callable[[int, int], None] | None = None,
     ) -> tuple[HeadState, Proposal]:
         """One round of drafts from a synced state (at most ``limit`` deep); a chain's drafts
-        are fed back but the last; a tree policy grows a tree (`propose_tree`)."""
+        are fed back but the last; a tree policy grows a tree (`propose_tree`).
+
+        A chain also ends after a draft once ``stop()`` is true, and ``on_draft(i, token)`` is
+        called as draft i is kept (the round-1 tail: `tail`)."""
         if policy.tree is not None:
             return self.propose_tree(state, policy, limit, eos_token_id)
         tokens: list[int] = []
@@ -112,7 +121,9 @@ class HeadDrafter:
                 break
             tokens.append(token)
             confidences.append(confidence)
-            if len(tokens) == cap or token == eos_token_id:
+            if on_draft is not None:
+                on_draft(len(tokens) - 1, token)
+            if len(tokens) == cap or token == eos_token_id or (stop is not None and stop()):
                 break
             # its own estimate and its own draft (the argmax tensor itself: no new tensor)
             last = self.head.step(state.cache, last, best.view(1, 1))
@@ -176,7 +187,13 @@ class ScriptedHead(ScriptedDrafter):
         return HeadState(len(answer), list(answer))  # its 'cache': the answer length read
 
     def propose(
-        self, state: HeadState, policy: DraftPolicy, limit: int, eos_token_id: int | None
+        self,
+        state: HeadState,
+        policy: DraftPolicy,
+        limit: int,
+        eos_token_id: int | None,
+        stop: Callable[[], bool] | None = None,
+        on_draft: Callable[[int, int], None] | None = None,
     ) -> tuple[HeadState, Proposal]:
         cap = min(limit, policy.round_cap(first_round=False))
         if policy.tree is not None:  # the script's candidates at each node's answer position
@@ -195,6 +212,32 @@ class ScriptedHead(ScriptedDrafter):
                 break
             tokens.append(token)
             confidences.append(confidence)
-            if token == eos_token_id:
+            if on_draft is not None:
+                on_draft(len(tokens) - 1, token)
+            if token == eos_token_id or (stop is not None and stop()):
                 break
         return state, Proposal(tokens, confidences)
+
+
+def head_tail(
+    head: HeadDrafter | ScriptedHead,
+    drafts: Sequence[int],
+    estimates: torch.Tensor,
+    n: int,
+    eos_token_id: int | None,
+    stop: Callable[[], bool],
+    on_draft: Callable[[int, int], None] | None = None,
+) -> Proposal:
+    """Up to ``n`` drafts after a round-1 chain of cross-modal ``drafts``, made before any
+    target state exists (`DraftPolicy.head_tail`).
+
+    The head reads the pairs ``(a_{i-1}, d_i)`` (``estimates[:, i]`` = a_{i-1}, the adapter's
+    estimate of the target's state that drafted d_i), then drafts on from its own outputs
+    until ``stop()`` (at least one draft). ``on_draft(i, token)`` numbers the tail's drafts
+    after the chain's.
+    """
+    state = head.sync(head.start(), drafts, estimates)
+    offset = len(drafts)
+    post = None if on_draft is None else (lambda i, token: on_draft(offset + i, token))
+    policy = DraftPolicy(gamma=n, max_drafts=n)
+    return head.propose(state, policy, n, eos_token_id, stop, post)[1]

@@ -45,6 +45,7 @@ from cross_modal_sd.decoding.drafters import (
     propose,
     sync,
 )
+from cross_modal_sd.decoding.heads import head_tail
 from cross_modal_sd.decoding.inputs import DraftInputs
 from cross_modal_sd.decoding.timing import Span, clock_ms, synchronize, time_call, timed_span
 
@@ -227,17 +228,31 @@ class _Jobs:
             state = self.drafter.prefill(inputs)
         if board is not None:
             board.prefill_ended()
+        head = getattr(self.drafter, "head", None)
+        if policy.head_tail is not None and head is None:
+            raise DraftRunnerError(
+                f"policy {policy.name}: a head tail needs a drafter with a feature head "
+                "(AdapterDrafter(head=...))"
+            )
+        post = None if board is None else board.post
         with timed_span(self.device, spans):
+            cross_modal = limit if policy.head_tail is None else min(limit, policy.head_tail)
             state, proposal = propose(
                 self.drafter,
                 state,
                 policy,
-                limit,
+                cross_modal,
                 first_round=True,
                 target_ready=ready,
                 eos_token_id=eos,
-                on_draft=None if board is None else board.post,
+                on_draft=post,
             )
+            tokens = proposal.tokens
+            if len(tokens) == cross_modal < limit and tokens[-1] != eos and not ready():
+                # The head drafts on while the target still prefills (`DraftPolicy.head_tail`).
+                n = min(policy.decode_gamma, limit - len(tokens))
+                more = head_tail(head, tokens, self.drafter.estimates(state), n, eos, ready, post)
+                proposal = Proposal(tokens + more.tokens, proposal.confidences + more.confidences)
             if estimates:  # plain floats cross the pipe by value
                 states = self.drafter.estimates(state)[0, : len(proposal.tokens)]
                 proposal = replace(proposal, states=states.float().cpu().numpy())

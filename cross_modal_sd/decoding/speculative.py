@@ -89,6 +89,12 @@ class SDConfig:
                 f"policy, got round1={self.round1!r}, decode={self.decode!r}, "
                 f"policy {self.policy.name}"
             )
+        if self.policy.head_tail is not None and (self.round1 != "cross_modal" or self.fuse_round1):
+            raise ValueError(
+                "DraftPolicy.head_tail drafts on from round 1's cross-modal drafts: it needs "
+                f"round1='cross_modal' and no fused round, got round1={self.round1!r}, "
+                f"fuse_round1={self.fuse_round1}"
+            )
         if not self.wait_for_drafter and (
             self.round1 != "cross_modal" or self.decode == "draft_model"
         ):

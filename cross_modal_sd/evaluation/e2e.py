@@ -183,7 +183,7 @@ def prepare_e2e(
         max_new=max_new,
         strategies=strategies,
         budget=budget,
-        drafter=AdapterDrafter(pair.draft, adapter, pair.target.head),
+        drafter=AdapterDrafter(pair.draft, adapter, pair.target.head, head=head),
         spec=DecodeSpec(max_new, pair.target.vocab_limit, pair.eos_id, sampling),
         peers=cfg.get("peers") or {},
         warmup=int(cfg.get("warmup", 1)),

@@ -43,12 +43,16 @@ TREE_SUFFIX = "_tree"
 # The hybrid whose head drafts on from round 1's drafts before their verification, reading the
 # adapter's estimates of the target's states (one forward verifies both: `SDConfig.fuse_round1`).
 FUSED = {"hybrid_fused": ("cross_modal", "fixed", "head")}
+# The hybrid whose round-1 chain ends in drafts of the head, made on the drafter's side from the
+# adapter's estimates while the target still prefills (`DraftPolicy.head_tail`).
+TAILED = {"hybrid_tail": ("cross_modal", "fixed", "head")}
 SD_STRATEGIES = {
     **_CHAINS,
     **{f"{name}{TREE_SUFFIX}": v for name, v in _CHAINS.items()},
     **FUSED,
+    **TAILED,
 }
-HEAD_STRATEGIES = ("head", "hybrid", "hybrid_fused")
+HEAD_STRATEGIES = ("head", "hybrid", "hybrid_fused", "hybrid_tail")
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ def parse_strategies(
     ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
     (round 1: none, or cross-modal drafts while the target prefills); ``<name>_tree`` drafts
     trees of ``decoding.tree`` instead of chains; ``hybrid_fused`` verifies round
-    1's drafts and the head's first ones in one forward. The other policies'
+    1's drafts and the head's first ones in one forward; ``hybrid_tail`` ends round 1's chain
+    with the head's drafts after ``decoding.head_tail`` cross-modal ones. The other policies'
     settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
     ``confidence.threshold``, ``max_drafts``); every SD configuration decodes with `sampling`.
 
@@ -117,6 +122,7 @@ def parse_strategies(
                 gamma="prefill",
                 decode_gamma=int(decoding.get("head_gamma", 8)),
                 max_drafts=policy.max_drafts,
+                head_tail=int(decoding.get("head_tail", 4)) if name in TAILED else None,
             )
         if tree:
             node = decoding.get("tree") or {}

@@ -292,7 +292,7 @@ def predict(
     Raises:
         ValueError: a head configuration drafting more per round than its chains were scored to
             (or without them); a tree without the drafter's top-k, or sampled; a fused round 1;
-            sampling without the target's distributions.
+            a round-1 head tail; sampling without the target's distributions.
 
     Returns:
         ``method``; ``speedup`` (``ratio_of_means``: mean baseline over mean SD time;
@@ -302,10 +302,11 @@ def predict(
     """
     if not isinstance(config, SDConfig):
         config = SDConfig.from_dict(config)
-    if config.fuse_round1 or (config.policy.tree is not None and not config.sampling.greedy):
+    sampled_tree = config.policy.tree is not None and not config.sampling.greedy
+    if config.fuse_round1 or config.policy.head_tail is not None or sampled_tree:
         raise ValueError(
             f"{config.name}: the speedup model prices chains and greedy trees, not sampled "
-            f"trees or fused rounds"
+            f"trees, fused rounds or round-1 head tails"
         )
     tree = config.policy.tree is not None
     if _cross_modal_trees(config) and acceptance.top is None:
