@@ -323,6 +323,7 @@ def test_the_hybrid_never_waits_for_the_drafter_by_default(world):
     for r in records:
         run = r["strategies"]["hybrid"]
         assert run["config"]["wait_for_drafter"] is False and run["wait_ms"] == 0
+        assert run["config"]["policy"]["head_tail"] == 5  # the drafter's head drafts on
 
 
 def test_tree_and_fused_strategies_are_lossless_named_and_priced_where_modelled(world):
@@ -452,6 +453,21 @@ def test_unknown_strategy_lists_the_known_ones():
         for s in parse_strategies(["sd_fixed", "sd_fixed_draft_model"], _cfg().decoding, 5, 2)
     ]
     assert names == ["sd_fixed_draft_model"]  # the decoding group's phase, de-duplicated
+
+
+def test_the_hybrid_chain_ends_in_the_drafter_heads_tail():
+    decoding = _cfg().decoding
+
+    def tails(names, **changes):
+        node = OmegaConf.merge(decoding, changes)
+        return {s.name: s.sd.policy.head_tail for s in parse_strategies(names, node, 20, 2)}
+
+    names = ["hybrid", "hybrid_tree", "head", "hybrid_fused"]
+    assert tails(names) == {"hybrid": 5, "hybrid_tree": None, "head": None, "hybrid_fused": None}
+    later = tails(["hybrid_tree"], tree={"round1": False})  # a chain in round 1: a tail
+    assert later == {"hybrid_tree": 5}
+    assert tails(["hybrid"], head_tail=None) == {"hybrid": None}
+    assert tails(["hybrid"], head_tail=2) == {"hybrid": 2}
 
 
 def test_missing_checkpoint_messages(tmp_path):

@@ -397,6 +397,56 @@ def test_replayed_head_counts_equal_the_loop(round1, wrong_at):
     assert out["target_forwards"] == record.target_forwards
 
 
+def test_head_tail_by_hand():
+    """The hybrid's round-1 head tail: 3 cross-modal drafts (done at 1.5 + 3 x 0.6 = 3.3 ms of
+    the 10 ms prefill), then head drafts at 0.5 ms each: 13 fit, ``decode_gamma`` = 4 taken."""
+    p = _toy_profile(head_token_ms=0.5)
+    assert p.tail_drafts(3, 4, waits=False) == 4 and p.tail_drafts(3, 99, waits=False) == 13
+    assert p.tail_drafts(3, 99, waits=True) == 14  # the first made after the prefill's end
+    assert p.tail_drafts(15, 4, waits=False) == 0  # the prefill ended during the chain
+    eos = 99
+    policy = DraftPolicy(gamma="prefill", decode_gamma=4, head_tail=3)
+    config = SDConfig(policy, "head", 16, eos, wait_for_drafter=False)
+    runs = _head_runs(12, {5})  # from length 3 the head's chain runs 2 (wrong at 5)
+    out = simulate(p, config, [True] * 12, [1.0] * 12, runs)
+    # Round 1: d0..d2 right and 2 of the tail's 4: accepted 5, verified by V(2 + 4) = 4; no
+    # wait (10 ms). Drafting: 3 A + 2 T_d + 4 H = 3.3.
+    assert (out["first_drafted"], out["first_accepted"]) == (7, 5)
+    assert out["round1_ms"] == pytest.approx(10.0 + 4.0)
+    later_drafting = out["decode_ms"] - (out["verify_ms"] - 4.0)
+    assert out["draft_ms"] - later_drafting == pytest.approx(3.3)
+    missed = simulate(p, config, [True, False] + [True] * 10, [1.0] * 12, runs)
+    assert (missed["first_drafted"], missed["first_accepted"]) == (7, 1)  # the tail goes too
+
+
+@pytest.mark.parametrize(
+    ("chain_wrong", "tail_wrong"), [((), ()), ((), (4,)), ((), (3, 4, 5, 6)), ((1,), ())]
+)
+def test_replayed_head_tail_counts_equal_the_loop(chain_wrong, tail_wrong):
+    """A target prefilling long enough for the whole tail: the replay's counts equal the
+    loop's (the drafter's tail from a scripted head, the loop's head the same script)."""
+    eos = 2
+    answer = [5 + i for i in range(12)] + [eos]
+    target = StandInTarget(answer, prefill_ms=60.0)
+    tail_head = ScriptedHead(answer, 50, wrong_at=tail_wrong)
+    drafter = ScriptedDrafter(answer, 50, wrong_at=chain_wrong, head=tail_head)
+    policy = DraftPolicy(gamma="prefill", decode_gamma=4, head_tail=3)
+    config = SDConfig(policy, "head", 16, eos, wait_for_drafter=False)
+    head = ScriptedHead(answer, 50, wrong_at=tail_wrong)
+    record = speculative_generate(target, drafter, *STAND_IN_INPUTS, config, head=head)
+    assert record.tokens == answer
+    match = [drafter.is_correct(i) for i in range(len(answer))]
+    runs = _head_runs(len(answer), set(tail_wrong))
+    out = simulate(_toy_profile(head_token_ms=0.1), config, match, [1.0] * len(answer), runs)
+    assert record.drafted[0] == 7  # 3 cross-modal drafts and a tail of 4
+    assert out["first_drafted"] == record.drafted[0]
+    assert out["first_accepted"] == record.accepted[0]
+    assert out["rounds"] == record.rounds
+    assert out["drafted"] == sum(record.drafted)
+    assert out["accepted"] == sum(record.accepted)
+    assert out["target_forwards"] == record.target_forwards
+
+
 def test_acceptance_takes_a_heads_runs_from_its_export():
     @dataclass
     class Export:

@@ -43,16 +43,12 @@ TREE_SUFFIX = "_tree"
 # The hybrid whose head drafts on from round 1's drafts before their verification, reading the
 # adapter's estimates of the target's states (one forward verifies both: `SDConfig.fuse_round1`).
 FUSED = {"hybrid_fused": ("cross_modal", "fixed", "head")}
-# The hybrid whose round-1 chain ends in drafts of the head, made on the drafter's side from the
-# adapter's estimates while the target still prefills (`DraftPolicy.head_tail`).
-TAILED = {"hybrid_tail": ("cross_modal", "fixed", "head")}
 SD_STRATEGIES = {
     **_CHAINS,
     **{f"{name}{TREE_SUFFIX}": v for name, v in _CHAINS.items()},
     **FUSED,
-    **TAILED,
 }
-HEAD_STRATEGIES = ("head", "hybrid", "hybrid_fused", "hybrid_tail")
+HEAD_STRATEGIES = ("head", "hybrid", "hybrid_fused")
 
 
 @dataclass(frozen=True)
@@ -94,8 +90,9 @@ def parse_strategies(
     ``head`` and ``hybrid`` draft later rounds with a feature head, ``head_gamma`` drafts a round
     (round 1: none, or cross-modal drafts while the target prefills); ``<name>_tree`` drafts
     trees of ``decoding.tree`` instead of chains; ``hybrid_fused`` verifies round
-    1's drafts and the head's first ones in one forward; ``hybrid_tail`` ends round 1's chain
-    with the head's drafts after ``decoding.head_tail`` cross-modal ones. The other policies'
+    1's drafts and the head's first ones in one forward. A ``hybrid`` whose round 1 is a
+    chain ends it with the head's drafts after ``decoding.head_tail`` cross-modal ones (null:
+    cross-modal drafts only). The other policies'
     settings come from `decoding` (``fixed.gamma``, ``fixed.decode_gamma``,
     ``confidence.threshold``, ``max_drafts``); every SD configuration decodes with `sampling`.
 
@@ -122,7 +119,6 @@ def parse_strategies(
                 gamma="prefill",
                 decode_gamma=int(decoding.get("head_gamma", 8)),
                 max_drafts=policy.max_drafts,
-                head_tail=int(decoding.get("head_tail", 4)) if name in TAILED else None,
             )
         if tree:
             node = decoding.get("tree") or {}
@@ -132,6 +128,10 @@ def parse_strategies(
                 bool(node.get("round1", True)),
             )
             policy = replace(policy, tree=shape)
+        tail = decoding.get("head_tail")
+        if base == "hybrid" and tail is not None and policy.tree_in(first_round=True) is None:
+            # its round-1 chain ends in the drafter's head's drafts (`DraftPolicy.head_tail`)
+            policy = replace(policy, head_tail=int(tail))
         config = SDConfig(
             policy=policy,
             decode=phase,

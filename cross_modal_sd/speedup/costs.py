@@ -227,6 +227,22 @@ class CostProfile:
         fit = self._window()
         return 10**6 if math.isinf(fit) else max(0, math.floor(fit + 1e-9))
 
+    def tail_drafts(self, after: int, most: int, waits: bool) -> int:
+        """Drafts of a round-1 head tail (`DraftPolicy.head_tail`) started once the job's
+        ``after``-th cross-modal draft is done: none if the target's slowed prefill has ended
+        by then; else one per head step (``H``, slowed like the drafter's forwards) until it
+        ends, at most ``most``: those done by then (``waits`` false: what a loop that never
+        waits takes) or the first made after it (``waits``)."""
+        if self.head_token_ms is None:
+            raise ProfileError(f"cost profile {self.name!r}: no head_token_ms (no head probed)")
+        left = self._window() - after  # in cross-modal drafting steps
+        step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
+        if left <= 0 or math.isinf(left):
+            return 0 if left <= 0 else most
+        steps = left * step / (self.head_token_ms * self.draft_contention)
+        n = math.ceil(steps - 1e-9) if waits else math.floor(steps + 1e-9)
+        return min(most, max(int(waits), n))
+
     def prefill_drafts(self) -> int:
         """Drafts of a ``gamma="prefill"`` round 1: the first draft proposed once the target
         has prefilled, i.e. the smallest ``G >= 1`` whose job reaches the end of the target's

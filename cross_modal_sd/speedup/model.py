@@ -14,6 +14,11 @@ For one sample (its teacher-forced ``match``/``confidence`` sequences, `acceptan
   to the cap, one plain step. ``head``: the same rounds drafted by a feature head beside the
   target (``G`` x `CostProfile.head_token_ms`, no round trip), accepting its self-fed chain's run
   from the committed length (`Acceptance.head_runs`).
+* **Round-1 head tail** (`DraftPolicy.head_tail`): after that many cross-modal drafts, if the
+  target is still prefilling, the drafter's head drafts on (`CostProfile.tail_drafts`: one
+  head step each); when the whole chain is accepted the tail accepts the head's chain run from
+  that length (`Acceptance.head_runs`, computed from the target's true states: the adapter's
+  estimates the tail really reads stand in for them, an optimistic approximation).
 * **Round 1 ``none``.** The target prefills alone; with no cross-modal drafter resident, every
   target cost is the baseline's cores' (`CostProfile.solo`).
 * **Trees** (`_tree_round`): `trees.grow_tree` itself grows the round's tree over the
@@ -196,11 +201,21 @@ def simulate(
         not config.wait_for_drafter and (p.drafter_late() or fit == 0)
     )
     g, stopped, expanded, depth, below = 0, False, 0, 0, 0
+    tail, tail_run = 0, 0  # the drafter's head's drafts after the chain (`head_tail`)
     if cap >= 2 and not skipped and first_tree:
         g, expanded, depth, below = _tree_round(policy, True, 0, cap - 1, rank, top, eos, fit)
     elif cap >= 2 and not skipped:
-        g, stopped = _drafts(policy, True, 0, cap - 1, match, confidence, eos, fit)
+        chain = cap - 1 if policy.head_tail is None else min(cap - 1, policy.head_tail)
+        g, stopped = _drafts(policy, True, 0, chain, match, confidence, eos, fit)
+        ends = eos and g == n and _run(match, 0, g) == g  # the chain proposed the answer's EOS
+        if policy.head_tail is not None and g == chain < cap - 1 and not ends:
+            most = min(policy.decode_gamma, cap - 1 - g)
+            tail = p.tail_drafts(g, most, waits=not takes)
+            tail_run = head_runs[g - 1]  # from the states of 0..g-1: true ones stand in
+            if eos and tail_run >= n - g:  # it stops after proposing the answer's EOS
+                tail = min(tail, n - g)
     drafting = p.drafting_ms(expanded, False) if first_tree else p.drafting_ms(g, stopped)
+    drafting += p.head_drafting_ms(tail) if tail else 0.0
     if g and takes:  # the target's prefill beside the job, then the board read: no wait
         round1 = p.round1_prefill_ms * p.target_contention
     elif g:
@@ -210,10 +225,12 @@ def simulate(
     else:
         round1 = p.target_prefill_ms
     accepted = int(depth > 0) if first_tree else int(g > 0 and match[0])
-    rest = below if first_tree else g - 1  # drafts the second forward verifies
+    rest = below if first_tree else g - 1 + tail  # drafts the second forward verifies
     length, forwards, verify = 1, 1, 0.0
     if accepted and rest > 0 and n > 1:
         more = depth - 1 if first_tree else _run(match, 1, g - 1)
+        if tail and more == g - 1:  # the whole chain accepted: the tail's run follows
+            more += min(tail_run, tail)
         verify = p.verify_ms(rest)
         accepted += more
         forwards += 1
@@ -223,9 +240,9 @@ def simulate(
         draft_ms=drafting,
         verify_ms=verify,
         rounds=1.0,
-        drafted=float(g),
+        drafted=float(g + tail),
         accepted=float(accepted),
-        first_drafted=float(g),
+        first_drafted=float(g + tail),
         first_accepted=float(accepted),
     )
     decode = 0.0
@@ -292,7 +309,7 @@ def predict(
     Raises:
         ValueError: a head configuration drafting more per round than its chains were scored to
             (or without them); a tree without the drafter's top-k, or sampled; a fused round 1;
-            a round-1 head tail; sampling without the target's distributions.
+            sampling without the target's distributions.
 
     Returns:
         ``method``; ``speedup`` (``ratio_of_means``: mean baseline over mean SD time;
@@ -302,11 +319,10 @@ def predict(
     """
     if not isinstance(config, SDConfig):
         config = SDConfig.from_dict(config)
-    sampled_tree = config.policy.tree is not None and not config.sampling.greedy
-    if config.fuse_round1 or config.policy.head_tail is not None or sampled_tree:
+    if config.fuse_round1 or (config.policy.tree is not None and not config.sampling.greedy):
         raise ValueError(
             f"{config.name}: the speedup model prices chains and greedy trees, not sampled "
-            f"trees, fused rounds or round-1 head tails"
+            f"trees or fused rounds"
         )
     tree = config.policy.tree is not None
     if _cross_modal_trees(config) and acceptance.top is None:
