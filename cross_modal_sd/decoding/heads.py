@@ -1,6 +1,8 @@
 """Drafting with a feature-level head (`adapters.FeatureHead`) on the target's own states.
 
-The head runs beside the target, in its process (it reads the target's states). A round:
+The head runs beside the target, in its process (it reads the target's states); the drafter may
+carry a copy that drafts the tail of a round-1 chain before any target state exists
+(`head_tail`). A round:
 
 1. *sync*: the head's cache keeps the pairs it read from true states and reads the pairs of the
    answer committed since, ``(σ_{i-1}, y_i)``, in one step (their states come from the target's
@@ -102,7 +104,7 @@ class HeadDrafter:
         are fed back but the last; a tree policy grows a tree (`propose_tree`).
 
         A chain also ends after a draft once ``stop()`` is true, and ``on_draft(i, token)`` is
-        called as draft i is kept (the round-1 tail: `tail`)."""
+        called as draft i is kept (the round-1 tail: `head_tail`)."""
         if policy.tree is not None:
             return self.propose_tree(state, policy, limit, eos_token_id)
         tokens: list[int] = []

@@ -15,7 +15,9 @@ A round-1 job reads the runner's `ready` flag (set by the loop when the target's
 which is how a ``gamma="prefill"`` policy knows when to stop, and writes its progress on the
 runner's `Board` (shared memory for a process): when its draft prefill started and ended, and
 each draft as it is made. A loop that does not wait reads the board (`drafts_so_far`) and
-leaves the round unwaited (`abandon_round1`).
+leaves the round unwaited (`abandon_round1`). With a policy's ``head_tail`` the job hands its
+chain to the drafter's feature head after that many drafts, which drafts on (`heads.head_tail`)
+while the target prefills, posting on the same board.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ stream, or a process of its own pinned to its own cores), the target here. The t
 logits give its own first token t0; the drafts d0, d1, ... propose answer positions 0, 1, ....
 d0 is checked against t0 directly; if it matches, one target forward over [d0 .. d(k-1)] yields
 the target's greedy tokens for positions 1..k, which check d1..d(k-1) and give one bonus token.
-With ``round1="none"`` the target prefills alone.
+A policy with ``head_tail`` ends the chain in drafts of the drafter's copy of the feature head,
+made from the adapter's estimates while the target still prefills (`runners`; the loop verifies
+them as any round-1 drafts). With ``round1="none"`` the target prefills alone.
 
 Later rounds (`decode`): ``"autoregressive"`` decodes with the target alone (the prior system);
 ``"draft_model"`` syncs the cross-modal drafter to the committed answer, drafts again and
