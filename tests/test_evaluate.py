@@ -326,6 +326,7 @@ def test_the_hybrid_never_waits_for_the_drafter_by_default(world):
         assert run["config"]["policy"]["head_tail"] == 5  # the drafter's head drafts on
 
 
+@pytest.mark.slow  # (make test-full; ~30 s) trees stay lossless-tested in test_speculative
 def test_tree_and_fused_strategies_are_lossless_named_and_priced_where_modelled(world):
     cfg = _cfg(
         strategies=["sd_fixed_tree", "hybrid_tree", "head_tree", "head", "hybrid_fused"],

@@ -98,7 +98,7 @@ def test_process_drafter_drafts_what_the_in_process_one_drafts(world, runner):
             assert (there.drafted, there.accepted) == (here.drafted, here.accepted)
 
 
-@pytest.mark.parametrize("where", ["process", "thread"])
+@pytest.mark.parametrize("where", [pytest.param("process", marks=pytest.mark.slow), "thread"])
 def test_a_late_drafter_is_left_unwaited_and_its_answer_dropped(world, where):
     """``wait_for_drafter=False``: a drafter still prefilling when the target is done gives
     round 1 no drafts and is not waited for; the runner drops its late answer before its next
