@@ -55,7 +55,7 @@ class DraftPolicy:
             A ``gamma="prefill"`` first round grows its tree until the target has prefilled (up
             to `max_drafts` nodes).
         head_tail: a ``gamma="prefill"`` chain round 1 only: after this many cross-modal drafts
-            the drafter's feature head drafts the chain on (up to `decode_gamma` more), reading
+            the drafter's feature head drafts the chain on (as many as a later round), reading
             the adapter's estimates of the target's states at the cross-modal drafts and then its
             own outputs, until the target has prefilled (None: cross-modal drafts only; the
             drafter needs a head: `AdapterDrafter(head=...)`).

@@ -252,7 +252,7 @@ class _Jobs:
             tokens = proposal.tokens
             if len(tokens) == cross_modal < limit and tokens[-1] != eos and not ready():
                 # The head drafts on while the target still prefills (`DraftPolicy.head_tail`).
-                n = min(policy.decode_gamma, limit - len(tokens))
+                n = min(policy.round_cap(first_round=False), limit - len(tokens))
                 more = head_tail(head, tokens, self.drafter.estimates(state), n, eos, ready, post)
                 proposal = Proposal(tokens + more.tokens, proposal.confidences + more.confidences)
             if estimates:  # plain floats cross the pipe by value

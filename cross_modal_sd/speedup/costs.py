@@ -204,20 +204,23 @@ class CostProfile:
         ready = self.round1_prefill_ms * self.target_contention
         return self.round_trip_ms / 2 + self.round1_draft_prefill_ms > ready
 
-    def _window(self) -> tuple[float, float]:
-        """(drafts the job can make by the end of the target's slowed prefill, as a real
-        number; ∞ when drafting is free). The job starts half a round trip after the command;
-        draft k is done at ``start + k * step`` (the first comes with the prefill's state)."""
+    def _round1_clock(self) -> tuple[float, float, float]:
+        """``(start, step, ready)`` ms of a round-1 job: draft k is done at ``start + k *
+        step`` (the job starts half a round trip after the command; the first draft comes with
+        the prefill's state); the target's slowed prefill ends at ``ready``."""
         step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
-        if step <= 0:
-            return math.inf
-        ready = self.round1_prefill_ms * self.target_contention
         start = (
             self.round_trip_ms / 2
             + self.round1_draft_prefill_ms
             - self.draft_token_ms * self.draft_contention
         )
-        return (ready - start) / step
+        return start, step, self.round1_prefill_ms * self.target_contention
+
+    def _window(self) -> float:
+        """Drafts the job can make by the end of the target's slowed prefill, as a real number
+        (∞ when drafting is free)."""
+        start, step, ready = self._round1_clock()
+        return math.inf if step <= 0 else (ready - start) / step
 
     def drafts_by_prefill_end(self) -> int:
         """Drafts a draft job has completed when the target's slowed prefill ends (what a loop
@@ -235,11 +238,11 @@ class CostProfile:
         waits takes) or the first made after it (``waits``)."""
         if self.head_token_ms is None:
             raise ProfileError(f"cost profile {self.name!r}: no head_token_ms (no head probed)")
-        left = self._window() - after  # in cross-modal drafting steps
-        step = (self.adapter_ms + self.draft_token_ms) * self.draft_contention
-        if left <= 0 or math.isinf(left):
-            return 0 if left <= 0 else most
-        steps = left * step / (self.head_token_ms * self.draft_contention)
+        start, step, ready = self._round1_clock()
+        left = ready - (start + after * max(step, 0.0))  # ms of prefill after the chain
+        if left <= 0:
+            return 0
+        steps = left / (self.head_token_ms * self.draft_contention)
         n = math.ceil(steps - 1e-9) if waits else math.floor(steps + 1e-9)
         return min(most, max(int(waits), n))
 

@@ -209,11 +209,9 @@ def simulate(
         g, stopped = _drafts(policy, True, 0, chain, match, confidence, eos, fit)
         ends = eos and g == n and _run(match, 0, g) == g  # the chain proposed the answer's EOS
         if policy.head_tail is not None and g == chain < cap - 1 and not ends:
-            most = min(policy.decode_gamma, cap - 1 - g)
-            tail = p.tail_drafts(g, most, waits=not takes)
             tail_run = head_runs[g - 1]  # from the states of 0..g-1: true ones stand in
-            if eos and tail_run >= n - g:  # it stops after proposing the answer's EOS
-                tail = min(tail, n - g)
+            most = _head_drafts(policy, tail_run, g, cap - 1 - g, n, eos)  # a head round's cap
+            tail = p.tail_drafts(g, most, waits=not takes)
     drafting = p.drafting_ms(expanded, False) if first_tree else p.drafting_ms(g, stopped)
     drafting += p.head_drafting_ms(tail) if tail else 0.0
     if g and takes:  # the target's prefill beside the job, then the board read: no wait
